@@ -1,0 +1,158 @@
+"""The `fedray` command line: data synth|prepare|inspect, train, evaluate, backbones."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+USER_ERRORS: tuple[type[Exception], ...] = (ValueError, FileNotFoundError)
+
+
+def _add_data(sub: argparse._SubParsersAction) -> None:
+    data = sub.add_parser("data", help="make, catalogue and inspect datasets")
+    dsub = data.add_subparsers(dest="data_command", required=True)
+
+    synth = dsub.add_parser("synth", help="write a synthetic smear dataset (class folders + manifest)")
+    synth.add_argument("--output", type=Path, required=True)
+    synth.add_argument("--n", type=int, default=2000)
+    synth.add_argument("--size", type=int, default=64)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--patients-per-class", type=int, default=20)
+    synth.set_defaults(func=cmd_data_synth)
+
+    prep = dsub.add_parser("prepare", help="scan a Kaggle ALL (or class-per-folder) image folder")
+    prep.add_argument("--source", type=Path, required=True)
+    prep.add_argument("--output", type=Path, required=True)
+    prep.add_argument("--skip-bad", action="store_true", help="skip and count bad files instead of failing")
+    prep.add_argument("--include-segmented", action="store_true",
+                      help="use Segmented/ instead of Original/ (Kaggle ALL layout)")
+    prep.set_defaults(func=cmd_data_prepare)
+
+    inspect = dsub.add_parser("inspect", help="class table, groups and duplicates of a manifest")
+    inspect.add_argument("path", type=Path, help="a prepared folder or a manifest.parquet")
+    inspect.set_defaults(func=cmd_data_inspect)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedray", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_data(sub)
+
+    train = sub.add_parser("train", help="run a federated training")
+    train.add_argument("--config", type=Path, help="experiment YAML (default: built-in defaults)")
+    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config field, e.g. --set federation.rounds=3")
+    train.add_argument("--output-dir", type=Path, help="parent folder of the run folder")
+    train.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a stopped run")
+    train.set_defaults(func=cmd_train)
+
+    evaluate = sub.add_parser("evaluate", help="evaluate a run's model on its held-out split")
+    evaluate.add_argument("run", type=Path)
+    evaluate.add_argument("--split", default="test", choices=["val", "test"])
+    evaluate.set_defaults(func=cmd_evaluate)
+
+    backbones = sub.add_parser("backbones", help="list the backbone registry")
+    backbones.set_defaults(func=cmd_backbones)
+    return parser
+
+
+def cmd_data_synth(args: argparse.Namespace) -> int:
+    from fedray.data import synth
+
+    table = synth.generate(n=args.n, size=args.size, seed=args.seed,
+                           patients_per_class=args.patients_per_class)
+    manifest = synth.write_folder(table, args.output)
+    print(f"wrote {table.num_rows} images and {manifest}")
+    return 0
+
+
+def cmd_data_prepare(args: argparse.Namespace) -> int:
+    import pyarrow.parquet as pq
+
+    from fedray.data import catalog
+
+    cat = catalog.scan(args.source, skip_bad=args.skip_bad, include_segmented=args.include_segmented)
+    args.output.mkdir(parents=True, exist_ok=True)
+    table = cat.table.replace_schema_metadata(
+        {**(cat.table.schema.metadata or {}), b"fedray.root": str(cat.root.resolve()).encode()})
+    out = args.output / "manifest.parquet"
+    pq.write_table(table, out)
+    print(f"layout: {cat.layout}; {table.num_rows} images; manifest: {out}")
+    print(cat.class_table())
+    print(f"duplicate groups (byte-identical): {len(cat.duplicates)}")
+    for group in cat.duplicates[:10]:
+        print("  " + " == ".join(group))
+    if cat.skipped:
+        print(f"skipped {len(cat.skipped)} bad files/folders:")
+        for item in cat.skipped[:20]:
+            print(f"  {item.path}: {item.reason}")
+    return 0
+
+
+def cmd_data_inspect(args: argparse.Namespace) -> int:
+    import pyarrow.parquet as pq
+
+    path = args.path / "manifest.parquet" if args.path.is_dir() else args.path
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no manifest.parquet (run `fedray data prepare` first)")
+    table = pq.read_table(path, columns=None)
+    labels = table.column("label").to_pylist()
+    print(f"{path}: {table.num_rows} images")
+    for name in sorted(set(labels)):
+        print(f"  {name:10s} {labels.count(name):6d}")
+    hashes = table.column("sha256").to_pylist()
+    print(f"duplicate images: {len(hashes) - len(set(hashes))}")
+    if "group" in table.column_names:
+        print(f"groups: {len(set(table.column('group').to_pylist()))}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from fedray import experiment
+    from fedray.config import load_config
+
+    if args.resume:
+        if args.config:
+            raise ValueError("--resume uses the run's own config.yaml; drop --config")
+        config = experiment.load_run_config(args.resume, args.overrides)
+    else:
+        config = load_config(args.config, args.overrides)
+    result = experiment.run(config, output_dir=args.output_dir, resume=args.resume)
+    print(f"outputs: {result.run_dir}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from fedray.evaluate import evaluate_run
+    from fedray.metrics import format_table
+
+    metrics = evaluate_run(args.run, args.split)
+    print(format_table({args.split: metrics}))
+    print(json.dumps({"confusion_matrix": metrics["confusion_matrix"]}))
+    return 0
+
+
+def cmd_backbones(args: argparse.Namespace) -> int:
+    del args
+    from fedray.models import BACKBONES, available_backbones
+
+    usable = set(available_backbones())
+    for name, spec in BACKBONES.items():
+        mark = "" if name in usable else "  (library not installed)"
+        print(f"{name:20s} input {spec.input_size:4d}px  {spec.source}{mark}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except USER_ERRORS as exc:
+        print(f"fedray: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

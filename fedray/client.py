@@ -1,0 +1,112 @@
+"""A hospital: holds its own shard, trains locally, and sends back only weights and counts.
+
+A plain class. runtime.py turns it into a Ray actor; unit tests construct it directly.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from fedray import checkpoint, engine
+from fedray.config import ExperimentConfig
+from fedray.data.shards import ShardDataset
+from fedray.data.transforms import train_preset
+from fedray.messages import FitIns, FitRes, to_numpy, to_torch
+from fedray.models import BACKBONES, build_model
+
+
+def input_size(config: ExperimentConfig) -> int:
+    return config.data.image_size or BACKBONES[config.model.backbone].input_size
+
+
+class HospitalClient:
+    """One hospital's persistent training state: decoded shard, model, optimizer, loss."""
+
+    def __init__(
+        self,
+        name: str,
+        shard_path: str | Path,
+        config: ExperimentConfig,
+        state_dir: str | Path | None = None,
+        num_threads: int | None = None,
+    ) -> None:
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        self.name = name
+        self.config = config
+        self.state_dir = Path(state_dir) if state_dir else None
+        self.device = engine.pick_device(config.runtime.device)
+        size = input_size(config)
+        self.dataset = ShardDataset.from_parquet(
+            Path(shard_path), size, train_preset(size, config.data.augment),
+            expand_flips=config.data.flip_x4,
+        )
+        m, t = config.model, config.training
+        self.model = build_model(
+            m.backbone, pretrained=m.pretrained, freeze=m.freeze, dp_safe=m.dp_safe,
+            dropout=m.dropout, weights_dir=m.weights_dir,
+        ).to(self.device)
+        if t.channels_last and self.device.type == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.optimizer = engine.make_optimizer(self.model, t.lr, t.weight_decay)
+        counts = self.dataset.class_counts() if t.class_weighted else None
+        self.loss_fn = engine.make_loss(counts, t.label_smoothing).to(self.device)
+
+    def info(self) -> dict:
+        counts = self.dataset.class_counts().tolist()
+        return {"hospital": self.name, "num_samples": len(self.dataset), "class_counts": counts,
+                "device": str(self.device), "threads": torch.get_num_threads(), "pid": os.getpid()}
+
+    def fit(self, weights: OrderedDict, ins: FitIns) -> FitRes:
+        """Load the global weights, train E local epochs, return the new weights."""
+        start = time.perf_counter()
+        self.model.load_state_dict(to_torch(weights))
+        for group in self.optimizer.param_groups:
+            group["lr"] = ins.lr
+        torch.manual_seed(ins.seed)
+        loader = DataLoader(
+            self.dataset, batch_size=self.config.training.batch_size, shuffle=True,
+            generator=torch.Generator().manual_seed(ins.seed),
+            pin_memory=self.device.type == "cuda",
+        )
+        t = self.config.training
+        stats = None
+        for _ in range(ins.local_epochs):
+            stats = engine.train_one_epoch(
+                self.model, loader, self.optimizer, self.loss_fn, self.device,
+                grad_clip=t.grad_clip, amp=t.amp, channels_last=t.channels_last,
+            )
+        self._save_state(ins.round)
+        metrics = {"loss": stats.loss, "accuracy": stats.accuracy,
+                   "seconds": time.perf_counter() - start, "epochs": ins.local_epochs}
+        return FitRes(self.name, to_numpy(self.model.state_dict()), len(self.dataset), metrics)
+
+    # Local state (optimizer moments) stays at the hospital, in its own folder.
+    def _state_path(self, round_number: int) -> Path:
+        return self.state_dir / f"optimizer_{round_number:04d}"
+
+    def _save_state(self, round_number: int) -> None:
+        if self.state_dir is None:
+            return
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint.save_tree(self.optimizer.state_dict(), self._state_path(round_number))
+        for old in sorted(self.state_dir.glob("optimizer_*.json"))[:-3]:
+            old.unlink()
+            old.with_suffix(".safetensors").unlink(missing_ok=True)
+
+    def restore(self, round_number: int) -> bool:
+        """Reload the optimizer state this hospital had after its last round <= round_number."""
+        if self.state_dir is None:
+            return False
+        kept = [int(p.stem.split("_")[1]) for p in self.state_dir.glob("optimizer_*.json")]
+        usable = [r for r in kept if r <= round_number]
+        if not usable:
+            return False
+        self.optimizer.load_state_dict(checkpoint.load_tree(self._state_path(max(usable))))
+        return True

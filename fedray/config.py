@@ -1,0 +1,221 @@
+"""Typed experiment configuration: YAML in, validated models out, with dotted overrides.
+
+Every component owns its defaults here; a bad value fails once, at load time, with the
+field's dotted path. Unknown keys are errors, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names the field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SynthConfig(_Strict):
+    """The embedded synthetic smear dataset used when no real data is given."""
+
+    n: int = Field(2000, ge=8)
+    size: int = Field(64, ge=16, le=1024)
+    patients_per_class: int = Field(20, ge=1)
+
+
+class SplitConfig(_Strict):
+    """Train/val/test fractions; the split happens before any augmentation."""
+
+    train: float = Field(0.7, gt=0, lt=1)
+    val: float = Field(0.15, ge=0, lt=1)
+    test: float = Field(0.15, gt=0, lt=1)
+    group_aware: bool = True
+
+    @model_validator(mode="after")
+    def _sums_to_one(self) -> SplitConfig:
+        total = self.train + self.val + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"train + val + test must equal 1.0, got {total:.4f}")
+        return self
+
+
+class PartitionConfig(_Strict):
+    """How the training split is divided among hospitals."""
+
+    scheme: Literal["iid", "dirichlet", "by-group"] = "iid"
+    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration (label skew)")
+    min_per_hospital: int = Field(8, ge=1)
+    group_column: str = Field("site", description="column naming each row's site, for by-group")
+
+
+class DataConfig(_Strict):
+    source: Literal["synth", "folder", "prepared"] = "synth"
+    path: Path | None = Field(None, description="image folder (folder) or prepared dir (prepared)")
+    include_segmented: bool = False
+    skip_bad: bool = False
+    synth: SynthConfig = SynthConfig()
+    image_size: int | None = Field(None, ge=16, description="model input size; None = backbone's")
+    split: SplitConfig = SplitConfig()
+    partition: PartitionConfig = PartitionConfig()
+    augment: bool = True
+    flip_x4: bool = Field(False, description="offline x4 flip expansion, training rows only")
+
+    @model_validator(mode="after")
+    def _path_needed(self) -> DataConfig:
+        if self.source != "synth" and self.path is None:
+            raise ValueError(f"data.path is required when data.source is '{self.source}'")
+        return self
+
+
+class ModelConfig(_Strict):
+    backbone: str = "smallcnn"
+    pretrained: bool = False
+    freeze: bool = False
+    dp_safe: bool = False
+    dropout: float = Field(0.2, ge=0, lt=1)
+    weights_dir: Path | None = None
+
+
+class PlateauConfig(_Strict):
+    """ReduceLROnPlateau on the global validation loss, stepped once per round."""
+
+    factor: float = Field(0.2, gt=0, lt=1)
+    patience: int = Field(5, ge=0)
+    min_lr: float = Field(1e-6, ge=0)
+
+
+class TrainingConfig(_Strict):
+    """One training recipe for every backbone, in every hospital."""
+
+    local_epochs: int = Field(1, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    grad_clip: float | None = Field(1.0, gt=0)
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    class_weighted: bool = True
+    plateau: PlateauConfig = PlateauConfig()
+    early_stopping_patience: int | None = Field(10, ge=1)
+    amp: bool = True
+    channels_last: bool = True
+    eval_batch_size: int = Field(128, ge=1)
+
+
+class StrategyConfig(_Strict):
+    name: Literal["fedavg"] = "fedavg"
+
+
+class FederationConfig(_Strict):
+    hospitals: int = Field(4, ge=1)
+    rounds: int = Field(5, ge=1)
+    fraction: float = Field(1.0, gt=0, le=1)
+    min_clients: int = Field(1, ge=1)
+    round_timeout_s: float = Field(3600.0, gt=0)
+    strategy: StrategyConfig = StrategyConfig()
+
+    @model_validator(mode="after")
+    def _min_clients_fits(self) -> FederationConfig:
+        if self.min_clients > self.hospitals:
+            raise ValueError(
+                f"min_clients ({self.min_clients}) exceeds hospitals ({self.hospitals})"
+            )
+        return self
+
+
+class RuntimeConfig(_Strict):
+    """Where and how actors run; only runtime.py reads this."""
+
+    address: str | None = Field(None, description="Ray address; None starts a local Ray")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of a local Ray; None = all")
+    hospital_num_cpus: float | None = Field(None, gt=0, description="None = share CPUs evenly")
+    hospital_num_gpus: float = Field(0.0, ge=0)
+    coordinator_num_cpus: float = Field(0.0, ge=0)
+    coordinator_num_gpus: float = Field(0.0, ge=0)
+    max_restarts: int = Field(1, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class ExperimentConfig(_Strict):
+    name: str = "experiment"
+    seed: int = 0
+    output_dir: Path = Path("runs")
+    checkpoint_keep: int = Field(2, ge=1)
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    training: TrainingConfig = TrainingConfig()
+    federation: FederationConfig = FederationConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _format_errors(err: ValidationError, origin: str) -> str:
+    lines = [f"invalid config ({origin}):"]
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "<root>"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {where}: unknown key (check spelling; see README config reference)")
+        else:
+            lines.append(f"  {where}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Split `a.b.c=value`; the value is read as YAML so numbers and lists keep their type."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key.sub=value")
+    key, raw = item.split("=", 1)
+    path = [p for p in key.strip().split(".") if p]
+    if not path:
+        raise ConfigError(f"override {item!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {item!r}: value is not valid YAML ({exc})") from exc
+    return path, value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for item in overrides:
+        path, value = parse_override(item)
+        node = raw
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: '{part}' is not a section")
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def load_config(path: Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read a YAML experiment (or the defaults) and apply `--set` overrides, validating once."""
+    raw: dict[str, Any] = {}
+    origin = "defaults"
+    if path is not None:
+        origin = str(path)
+        if not Path(path).is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        raw = loaded
+    if overrides:
+        raw = apply_overrides(raw, overrides)
+        origin += " with --set " + " ".join(overrides)
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, origin)) from None

@@ -1,0 +1,1 @@
+"""Datasets: folder catalogs, synthetic smears, splits, hospital shards and transforms."""

@@ -1,0 +1,126 @@
+"""Hospital shards: one Parquet file of encoded images and labels per hospital.
+
+A shard is decoded once when its hospital starts and kept as one uint8 tensor for the whole run,
+so rounds never touch the disk or the JPEG/PNG decoder again.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+
+from fedray.data.labels import CLASS_INDEX, CLASSES
+
+SHARD_COLUMNS = ("path", "label", "group", "sha256", "image")
+
+
+@dataclass
+class ShardSet:
+    """Where every shard of a run lives, and what it holds."""
+
+    root: Path
+    hospitals: dict[str, str]
+    val: str | None
+    test: str
+    counts: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def path(self, name: str) -> Path:
+        return self.root / name
+
+    def save(self) -> Path:
+        out = self.root / "shards.json"
+        data = asdict(self)
+        data["root"] = "."
+        out.write_text(json.dumps(data, indent=2))
+        return out
+
+    @classmethod
+    def load(cls, root: Path) -> ShardSet:
+        data = json.loads((root / "shards.json").read_text())
+        data["root"] = root
+        return cls(**data)
+
+
+def write_shard(table: pa.Table, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table.select(list(SHARD_COLUMNS)), path, compression="none")
+
+
+def class_counts(table: pa.Table) -> dict[str, int]:
+    labels = table.column("label").to_pylist()
+    return {c: labels.count(c) for c in CLASSES}
+
+
+def decode_image(data: bytes, size: int) -> np.ndarray:
+    """RGB uint8 HxWx3 at size x size; raises ValueError naming nothing (callers add the row)."""
+    with Image.open(io.BytesIO(data)) as img:
+        img = img.convert("RGB")
+        if img.size != (size, size):
+            img = img.resize((size, size), Image.Resampling.BILINEAR)
+        return np.asarray(img, dtype=np.uint8)
+
+
+class ShardDataset(torch.utils.data.Dataset):
+    """Decoded images held in memory as one uint8 tensor, with an optional per-sample transform."""
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
+        if images.dtype != torch.uint8 or images.ndim != 4:
+            raise ValueError("images must be a uint8 tensor of shape (N, 3, H, W)")
+        self.images = images
+        self.labels = labels
+        self.transform = transform
+
+    @classmethod
+    def from_parquet(
+        cls,
+        path: Path,
+        image_size: int,
+        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        expand_flips: bool = False,
+    ) -> ShardDataset:
+        table = pq.read_table(path, columns=["path", "label", "image"])
+        arrays = []
+        for row_path, blob in zip(table.column("path").to_pylist(), table.column("image").to_pylist()):
+            try:
+                arrays.append(decode_image(blob, image_size))
+            except Exception as exc:  # noqa: BLE001 - re-raised with the row named
+                raise ValueError(f"{path}: cannot decode image {row_path!r}: {exc}") from exc
+        images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+        labels = torch.tensor([CLASS_INDEX[x] for x in table.column("label").to_pylist()])
+        if expand_flips:
+            images, labels = flip_expand(images, labels)
+        return cls(images, labels, transform)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image = self.images[index]
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, self.labels[index]
+
+    def class_counts(self) -> torch.Tensor:
+        return torch.bincount(self.labels, minlength=len(CLASSES))
+
+
+def flip_expand(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The papers' offline x4 expansion (identity, h-flip, v-flip, both); training rows only."""
+    stacked = torch.cat(
+        [images, images.flip(-1), images.flip(-2), images.flip(-1).flip(-2)], dim=0
+    )
+    return stacked, labels.repeat(4)

@@ -1,0 +1,629 @@
+"""Synthetic peripheral-blood-smear images in four classes: the embedded default dataset.
+
+Why it exists: the project must train, test and demo without downloading the real ALL
+dataset. The images therefore have to behave like the real ones in the ways that matter
+to the pipeline:
+
+* The class lives in the white cell's *shape and texture* (nucleus size, N/C ratio,
+  chromatin, nucleoli, contour), not in the mean colour, so a model cannot win by reading
+  stain colour. Every image is finally auto-exposed to a colour drawn from its patient's
+  style, which leaves the per-image mean RGB almost free of class information.
+* Each "patient" has one class and a shared style (stain hue and strength, background
+  tint, blur, red-cell density, magnification), so random splits leak patients and
+  group-aware splits matter, as they do with real hospitals.
+* Everything is drawn in normalised coordinates, so one scene renders at any size, and each
+  image's randomness derives from ``(seed, index)``, so any subset is reproducible and
+  generation can be parallel.
+
+Drawing works in optical density (Beer-Lambert): three stains (nuclear azure, cytoplasmic
+basophilia, eosin) are painted as concentration maps and turned into light at the end,
+which gives realistic colour mixing and makes stain variation multiplicative.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image, ImageFilter
+
+from fedray.data.labels import CLASSES
+
+# Class balance of the real Kaggle ALL dataset (Benign, Early, Pre, Pro out of 3256).
+DEFAULT_CLASS_WEIGHTS: tuple[float, ...] = (504.0, 985.0, 963.0, 804.0)
+
+# Optical-density vectors (absorbance in R, G, B) of the three stains, before per-patient
+# perturbation: nuclear azure (purple), cytoplasmic basophilia (sky blue), eosin (pink).
+_BASE_STAINS = np.array(
+    [
+        [0.60, 0.78, 0.28],
+        [0.80, 0.42, 0.12],
+        [0.07, 0.80, 0.40],
+    ],
+    dtype=np.float32,
+)
+
+# Mean RGB (0..1) the camera's auto-exposure aims for, before per-patient variation.
+_BASE_TARGET = np.array([0.80, 0.66, 0.72], dtype=np.float32)
+
+# Share of the per-image gain that auto-exposure applies; 1.0 would pin the mean exactly.
+_EXPOSURE_STRENGTH = 0.9
+
+SCHEMA = pa.schema(
+    [
+        ("path", pa.string()),
+        ("label", pa.string()),
+        ("group", pa.string()),
+        ("sha256", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("image", pa.binary()),
+        ("cell_box", pa.list_(pa.int32())),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class PatientStyle:
+    """Acquisition style shared by every image of one patient.
+
+    Why: in real data, images of one patient come from one slide, stain batch and
+    microscope, so they share colour and optics. Sharing the style across a patient's
+    images makes patient-grouped splits meaningfully harder than random ones.
+    """
+
+    stains: tuple[tuple[float, float, float], ...]  # 3 stain OD vectors (R, G, B)
+    strengths: tuple[float, float, float]  # multiplier per stain (saturation)
+    light: tuple[float, float, float]  # illuminant colour, 0..1
+    target: tuple[float, float, float]  # mean RGB auto-exposure aims for, 0..1
+    background_eosin: float  # plasma/background pink
+    blur: float  # Gaussian sigma as a fraction of image size
+    rbc_density: float  # expected number of red cells per image
+    zoom: float  # magnification: multiplies every cell's size
+    noise: float  # sensor noise standard deviation (0..1 scale)
+
+    @classmethod
+    def sample(cls, rng: np.random.Generator) -> PatientStyle:
+        """Draw one patient's style; the spread is what hides class colour differences."""
+        stains = _BASE_STAINS * rng.lognormal(0.0, 0.12, size=(3, 3)).astype(np.float32)
+        stains /= np.linalg.norm(stains, axis=1, keepdims=True)
+        strengths = rng.uniform(0.75, 1.3, size=3)
+        light = 1.0 - rng.uniform(0.0, 0.08, size=3)
+        target = np.clip(_BASE_TARGET + rng.normal(0.0, 0.05, size=3), 0.45, 0.92)
+        return cls(
+            stains=tuple(tuple(float(v) for v in row) for row in stains),
+            strengths=_floats(strengths),
+            light=_floats(light),
+            target=_floats(target),
+            background_eosin=float(rng.uniform(0.04, 0.16)),
+            blur=float(rng.uniform(0.0, 0.008)),
+            rbc_density=float(rng.uniform(6.0, 20.0)),
+            zoom=float(rng.uniform(0.93, 1.07)),
+            noise=float(rng.uniform(0.005, 0.025)),
+        )
+
+
+def _floats(values: np.ndarray) -> tuple[float, float, float]:
+    """Plain-float tuple, so styles are hashable, comparable and picklable."""
+    a, b, c = (float(v) for v in values)
+    return (a, b, c)
+
+
+@dataclass(frozen=True)
+class _ClassLook:
+    """Ranges of the white-cell morphology of one class (radii in image-size units).
+
+    Each pair is a (low, high) uniform range drawn per cell.
+    """
+
+    cell_radius: tuple[float, float]
+    nc_ratio: tuple[float, float]  # nucleus radius / cell radius
+    nucleus_density: tuple[float, float]  # nuclear stain concentration
+    chromatin_grain: tuple[float, float]  # clump size as a fraction of nucleus radius
+    chromatin_contrast: tuple[float, float]  # 0 = smooth, 1 = strongly clumped
+    nucleoli: tuple[int, int]  # inclusive count range
+    nucleolus_pallor: float  # 1 = invisible, 0 = unstained hole
+    notch_depth: tuple[float, float]  # fraction of radius removed by the indentation
+    notch_width: tuple[float, float]  # angular half-width (radians)
+    lobulation: float  # amplitude of contour harmonics
+    cytoplasm_density: tuple[float, float]  # basophilic stain concentration
+    vacuoles: tuple[int, int]  # inclusive count of pale cytoplasmic vacuoles
+
+
+# Why these numbers: Benign is a small mature lymphocyte whose dense dark nucleus holds about
+# as much stain as a blast's larger but paler one, so the dark-pixel budget (and mean colour)
+# stays similar across classes while size, N/C ratio, texture and contour differ.
+_LOOKS: dict[str, _ClassLook] = {
+    "Benign": _ClassLook(
+        cell_radius=(0.095, 0.115),
+        nc_ratio=(0.80, 0.87),
+        nucleus_density=(1.45, 1.70),
+        chromatin_grain=(0.35, 0.5),
+        chromatin_contrast=(0.05, 0.12),
+        nucleoli=(0, 0),
+        nucleolus_pallor=1.0,
+        notch_depth=(0.0, 0.04),
+        notch_width=(0.4, 0.8),
+        lobulation=0.02,
+        cytoplasm_density=(0.45, 0.65),
+        vacuoles=(0, 0),
+    ),
+    "Early": _ClassLook(
+        cell_radius=(0.160, 0.190),
+        nc_ratio=(0.86, 0.92),
+        nucleus_density=(0.60, 0.75),
+        chromatin_grain=(0.10, 0.14),
+        chromatin_contrast=(0.15, 0.25),
+        nucleoli=(2, 4),
+        nucleolus_pallor=0.30,
+        notch_depth=(0.0, 0.05),
+        notch_width=(0.4, 0.8),
+        lobulation=0.03,
+        cytoplasm_density=(0.35, 0.50),
+        vacuoles=(0, 0),
+    ),
+    "Pre": _ClassLook(
+        cell_radius=(0.150, 0.175),
+        nc_ratio=(0.76, 0.83),
+        nucleus_density=(0.80, 0.95),
+        chromatin_grain=(0.20, 0.28),
+        chromatin_contrast=(0.35, 0.5),
+        nucleoli=(0, 1),
+        nucleolus_pallor=0.65,
+        notch_depth=(0.18, 0.30),
+        notch_width=(0.45, 0.7),
+        lobulation=0.04,
+        cytoplasm_density=(0.35, 0.50),
+        vacuoles=(0, 1),
+    ),
+    "Pro": _ClassLook(
+        cell_radius=(0.175, 0.205),
+        nc_ratio=(0.62, 0.70),
+        nucleus_density=(0.85, 1.00),
+        chromatin_grain=(0.30, 0.42),
+        chromatin_contrast=(0.55, 0.75),
+        nucleoli=(0, 1),
+        nucleolus_pallor=0.6,
+        notch_depth=(0.45, 0.62),
+        notch_width=(0.18, 0.28),
+        lobulation=0.08,
+        cytoplasm_density=(0.30, 0.42),
+        vacuoles=(1, 4),
+    ),
+}
+
+
+# --------------------------------------------------------------------------- geometry
+
+
+@dataclass(frozen=True)
+class _Crop:
+    """A pixel window and the normalised coordinates of its pixel centres.
+
+    Why: drawing each cell only inside its bounding window keeps the cost proportional to
+    the cell's area instead of the whole image, which matters at 224+ px.
+    """
+
+    ys: slice
+    xs: slice
+    dy: np.ndarray  # (h, 1) normalised y offset from the shape centre
+    dx: np.ndarray  # (1, w) normalised x offset from the shape centre
+
+    @property
+    def empty(self) -> bool:
+        return self.dy.size == 0 or self.dx.size == 0
+
+
+def _crop(cx: float, cy: float, radius: float, size: int) -> _Crop:
+    """Window around (cx, cy) covering ``radius`` plus a pixel of anti-aliasing margin."""
+    pad = radius + 2.0 / size
+    x0, x1 = max(0, int(math.floor((cx - pad) * size))), min(size, int(math.ceil((cx + pad) * size)))
+    y0, y1 = max(0, int(math.floor((cy - pad) * size))), min(size, int(math.ceil((cy + pad) * size)))
+    xs = ((np.arange(x0, x1, dtype=np.float32) + 0.5) / size - cx)[None, :]
+    ys = ((np.arange(y0, y1, dtype=np.float32) + 0.5) / size - cy)[:, None]
+    return _Crop(slice(y0, y1), slice(x0, x1), ys, xs)
+
+
+@dataclass(frozen=True)
+class _Contour:
+    """Star-shaped outline r(theta): a circle with harmonics and an optional notch.
+
+    Why: round vs indented vs cleft nuclei are the main class cue, and a polar radius
+    function draws all of them with one vectorised expression.
+    """
+
+    radius: float
+    harmonics: tuple[tuple[int, float, float], ...]  # (k, amplitude, phase)
+    notch_depth: float = 0.0
+    notch_angle: float = 0.0
+    notch_width: float = 0.5
+    aspect: float = 1.0  # minor/major axis ratio
+    angle: float = 0.0  # orientation of the major axis
+
+    @property
+    def max_radius(self) -> float:
+        """Upper bound of r(theta), for crop windows and boxes."""
+        return self.radius * (1.0 + sum(abs(a) for _, a, _ in self.harmonics))
+
+    def alpha(self, crop: _Crop, size: int) -> np.ndarray:
+        """Anti-aliased coverage (0..1) of the shape over the crop."""
+        ca, sa = math.cos(self.angle), math.sin(self.angle)
+        u = crop.dx * ca + crop.dy * sa
+        v = (-crop.dx * sa + crop.dy * ca) / self.aspect
+        rho = np.sqrt(u * u + v * v)
+        theta = np.arctan2(v, u)
+        r = np.full_like(rho, self.radius)
+        scale = np.ones_like(rho)
+        for k, amp, phase in self.harmonics:
+            scale += amp * np.cos(k * theta + phase)
+        if self.notch_depth > 0.0:
+            d = np.angle(np.exp(1j * (theta - self.notch_angle))).astype(np.float32)
+            scale *= 1.0 - self.notch_depth * np.exp(-0.5 * (d / self.notch_width) ** 2)
+        r = r * scale
+        # One pixel of soft edge, measured in the unstretched frame.
+        return np.clip((r - rho) * size + 0.5, 0.0, 1.0)
+
+
+def _circle_alpha(crop: _Crop, radius: float, size: int) -> np.ndarray:
+    """Coverage of a plain disc, the cheap path for nucleoli and vacuoles."""
+    rho = np.sqrt(crop.dx * crop.dx + crop.dy * crop.dy)
+    return np.clip((radius - rho) * size + 0.5, 0.0, 1.0)
+
+
+def _value_noise(rng: np.random.Generator, crop: _Crop, grain: float, extent: float) -> np.ndarray:
+    """Smooth random field in [0, 1] with features about ``grain`` wide (normalised units).
+
+    Why: chromatin texture (fine vs clumped) is a class cue; a lattice of random values
+    interpolated with smoothstep weights gives resolution-independent texture. The lattice
+    covers the nominal window (``extent`` around the centre), never the pixel-clipped crop,
+    so the random draws, and hence the scene, are the same at every image size.
+    """
+    n = int(math.ceil(2.0 * (extent + grain) / grain)) + 2
+    lattice = rng.random((n, n), dtype=np.float32)
+    if crop.empty:
+        return np.zeros((crop.dy.size, crop.dx.size), dtype=np.float32)
+    origin = -extent - grain
+    gx = (crop.dx[0] - origin) / grain
+    gy = (crop.dy[:, 0] - origin) / grain
+    ix = np.clip(np.floor(gx).astype(np.int64), 0, n - 2)
+    iy = np.clip(np.floor(gy).astype(np.int64), 0, n - 2)
+    fx, fy = np.clip(gx - ix, 0, 1), np.clip(gy - iy, 0, 1)
+    fx, fy = fx * fx * (3 - 2 * fx), fy * fy * (3 - 2 * fy)
+    rows0, rows1 = lattice[iy], lattice[iy + 1]
+    top = rows0[:, ix] * (1 - fx) + rows0[:, ix + 1] * fx
+    bottom = rows1[:, ix] * (1 - fx) + rows1[:, ix + 1] * fx
+    return (top * (1 - fy)[:, None] + bottom * fy[:, None]).astype(np.float32)
+
+
+def _random_contour(
+    rng: np.random.Generator,
+    radius: float,
+    lobulation: float,
+    notch_depth: float = 0.0,
+    notch_width: float = 0.5,
+    aspect: tuple[float, float] = (0.9, 1.0),
+) -> _Contour:
+    """A contour with random harmonics (k = 2..4), orientation and optional notch."""
+    harmonics = tuple(
+        (k, float(rng.uniform(0.3, 1.0) * lobulation / (k - 1)), float(rng.uniform(0, 2 * math.pi)))
+        for k in (2, 3, 4)
+    )
+    return _Contour(
+        radius=radius,
+        harmonics=harmonics,
+        notch_depth=notch_depth,
+        notch_angle=float(rng.uniform(0, 2 * math.pi)),
+        notch_width=notch_width,
+        aspect=float(rng.uniform(*aspect)),
+        angle=float(rng.uniform(0, 2 * math.pi)),
+    )
+
+
+# --------------------------------------------------------------------------- painting
+
+
+def _paint(conc: np.ndarray, crop: _Crop, alpha: np.ndarray, values: np.ndarray) -> None:
+    """Alpha-blend stain concentrations into ``conc`` (3, H, W) inside the crop.
+
+    ``values`` is either a (3,) vector or a (3, h, w) map; later layers cover earlier ones,
+    as a cell lying on top of another hides it.
+    """
+    region = conc[:, crop.ys, crop.xs]
+    vals = values.reshape(3, 1, 1) if values.ndim == 1 else values
+    region += alpha[None] * (vals - region)
+
+
+def _draw_background(conc: np.ndarray, rng: np.random.Generator, style: PatientStyle, size: int) -> None:
+    """Pale plasma: a little eosin with a smooth, faint unevenness."""
+    full = _crop(0.5, 0.5, 0.5, size)
+    field = _value_noise(rng, full, 0.35, 0.5)
+    conc[2] = style.background_eosin * (0.75 + 0.5 * field)
+
+
+def _draw_red_cell(conc: np.ndarray, rng: np.random.Generator, style: PatientStyle, size: int) -> None:
+    """A biconcave red cell: eosin disc, thinner (paler) in the centre, slightly dark rim."""
+    cx, cy = rng.uniform(-0.06, 1.06, size=2)
+    radius = style.zoom * rng.uniform(0.062, 0.082)
+    contour = _random_contour(rng, radius, 0.03, aspect=(0.82, 1.0))
+    pallor = rng.uniform(0.45, 0.7)
+    strength = rng.uniform(0.55, 0.8)
+    crop = _crop(cx, cy, contour.max_radius, size)
+    if crop.empty:
+        return
+    alpha = contour.alpha(crop, size)
+    rel = np.sqrt(crop.dx**2 + crop.dy**2) / radius
+    thickness = 1.0 - pallor * np.exp(-((rel / 0.45) ** 2)) + 0.15 * np.exp(-(((rel - 0.9) / 0.12) ** 2))
+    eosin = np.broadcast_to(strength * thickness, alpha.shape)
+    values = np.stack([np.zeros_like(eosin), np.zeros_like(eosin), eosin])
+    _paint(conc, crop, alpha, values)
+
+
+def _draw_white_cell(
+    conc: np.ndarray, rng: np.random.Generator, style: PatientStyle, size: int, look: _ClassLook, cx: float, cy: float
+) -> tuple[float, float, float]:
+    """Paint one lymphoid cell of the given class look; return its (cx, cy, max radius).
+
+    Why the order: cytoplasm first, nucleus on top (eccentric, as in real lymphoblasts),
+    then chromatin texture and nucleoli, which carry most of the class signal.
+    """
+    u = rng.uniform
+    cell_r = style.zoom * u(*look.cell_radius)
+    nuc_r = cell_r * u(*look.nc_ratio)
+    cell = _random_contour(rng, cell_r, 0.04, aspect=(0.9, 1.0))
+    cell_crop = _crop(cx, cy, cell.max_radius, size)
+    cyto = float(u(*look.cytoplasm_density))
+    cyto_map = np.array([0.02, cyto, 0.04], dtype=np.float32)
+    _paint(conc, cell_crop, cell.alpha(cell_crop, size), cyto_map)
+    _draw_vacuoles(conc, rng, size, look, cx, cy, cell_r)
+
+    # The nucleus sits off-centre by part of the cytoplasm rim.
+    slack = max(cell_r - nuc_r, 0.0) * u(0.2, 0.8)
+    phi = u(0, 2 * math.pi)
+    nx, ny = cx + slack * math.cos(phi), cy + slack * math.sin(phi)
+    nucleus = _random_contour(
+        rng, nuc_r, look.lobulation, u(*look.notch_depth), u(*look.notch_width), aspect=(0.88, 1.0)
+    )
+    crop = _crop(nx, ny, nucleus.max_radius, size)
+    density = float(u(*look.nucleus_density))
+    grain = nuc_r * float(u(*look.chromatin_grain))
+    contrast = float(u(*look.chromatin_contrast))
+    texture = _value_noise(rng, crop, grain, nucleus.max_radius)
+    clumps = np.clip(0.5 + (texture - 0.5) * (1.0 + 2.5 * contrast), 0.0, 1.0)
+    nuclear = density * (1.0 - contrast + 2.0 * contrast * clumps)
+    nuclear = _add_nucleoli(rng, nuclear, crop, size, look, nuc_r)
+    values = np.stack([nuclear, np.full_like(nuclear, 0.1 * cyto), np.full_like(nuclear, 0.02)])
+    _paint(conc, crop, nucleus.alpha(crop, size), values)
+    return cx, cy, cell.max_radius
+
+
+def _add_nucleoli(
+    rng: np.random.Generator, nuclear: np.ndarray, crop: _Crop, size: int, look: _ClassLook, nuc_r: float
+) -> np.ndarray:
+    """Pale round nucleoli with a thin dark rim, placed inside the inner nucleus."""
+    count = int(rng.integers(look.nucleoli[0], look.nucleoli[1] + 1))
+    for _ in range(count):
+        rad = nuc_r * rng.uniform(0.12, 0.17)
+        dist = nuc_r * rng.uniform(0.0, 0.5)
+        phi = rng.uniform(0, 2 * math.pi)
+        local = _Crop(crop.ys, crop.xs, crop.dy - dist * math.sin(phi), crop.dx - dist * math.cos(phi))
+        inner = _circle_alpha(local, rad, size)
+        rim = _circle_alpha(local, rad * 1.35, size) - inner
+        nuclear = nuclear * (1.0 - inner * (1.0 - look.nucleolus_pallor)) * (1.0 + 0.35 * rim)
+    return nuclear
+
+
+def _draw_vacuoles(
+    conc: np.ndarray, rng: np.random.Generator, size: int, look: _ClassLook, cx: float, cy: float, cell_r: float
+) -> None:
+    """Small unstained vacuoles in the cytoplasm (the nucleus, drawn later, may cover some)."""
+    count = int(rng.integers(look.vacuoles[0], look.vacuoles[1] + 1))
+    for _ in range(count):
+        rad = cell_r * rng.uniform(0.06, 0.1)
+        dist = cell_r * rng.uniform(0.6, 0.85)
+        phi = rng.uniform(0, 2 * math.pi)
+        vx, vy = cx + dist * math.cos(phi), cy + dist * math.sin(phi)
+        crop = _crop(vx, vy, rad, size)
+        if crop.empty:
+            continue
+        region = conc[:, crop.ys, crop.xs]
+        region *= 1.0 - 0.7 * _circle_alpha(crop, rad, size)[None]
+
+
+def _extra_cell_position(rng: np.random.Generator, cx: float, cy: float, min_dist: float) -> tuple[float, float]:
+    """A spot for another white cell that does not sit on the main one (may leave the frame)."""
+    for _ in range(8):
+        x, y = rng.uniform(0.0, 1.0, size=2)
+        if math.hypot(x - cx, y - cy) >= min_dist:
+            return float(x), float(y)
+    angle = rng.uniform(0, 2 * math.pi)
+    return float(cx + min_dist * math.cos(angle)), float(cy + min_dist * math.sin(angle))
+
+
+# --------------------------------------------------------------------------- optics
+
+
+def _illumination(rng: np.random.Generator, size: int) -> np.ndarray:
+    """Uneven lighting: a linear gradient plus vignetting, (H, W) around 1."""
+    c = (np.arange(size, dtype=np.float32) + 0.5) / size - 0.5
+    gx, gy = rng.normal(0.0, 0.04, size=2)
+    vignette = rng.uniform(0.0, 0.12)
+    r2 = c[None, :] ** 2 + c[:, None] ** 2
+    return 1.0 + gx * c[None, :] + gy * c[:, None] - vignette * r2
+
+
+def _develop(
+    conc: np.ndarray, rng: np.random.Generator, style: PatientStyle, size: int
+) -> np.ndarray:
+    """Turn stain concentrations into a uint8 RGB photo: absorb, blur, noise, auto-expose."""
+    stains = np.asarray(style.stains, dtype=np.float32)
+    strengths = np.asarray(style.strengths, dtype=np.float32) * rng.lognormal(0.0, 0.06, size=3).astype(np.float32)
+    od = np.tensordot(conc, stains * strengths[:, None], axes=([0], [0]))  # (H, W, 3)
+    light = np.asarray(style.light, dtype=np.float32) * rng.lognormal(0.0, 0.02, size=3).astype(np.float32)
+    rgb = np.exp(-od) * light * _illumination(rng, size)[..., None]
+    sigma = style.blur * size * rng.uniform(0.7, 1.3)
+    if sigma > 0.3:
+        img = Image.fromarray(np.clip(rgb * 255.0 + 0.5, 0, 255).astype(np.uint8))
+        rgb = np.asarray(img.filter(ImageFilter.GaussianBlur(sigma)), dtype=np.float32) / 255.0
+    target = np.asarray(style.target, dtype=np.float32) * rng.lognormal(0.0, 0.03, size=3).astype(np.float32)
+    gain = (target / np.maximum(rgb.reshape(-1, 3).mean(axis=0), 1e-3)) ** _EXPOSURE_STRENGTH
+    rgb = rgb * gain + rng.normal(0.0, style.noise, size=rgb.shape).astype(np.float32)
+    return np.clip(rgb * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def render_smear(
+    label: int, size: int, rng: np.random.Generator, style: PatientStyle
+) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """Render one smear of class ``CLASSES[label]``: uint8 (size, size, 3) and the main cell box.
+
+    The box is (x0, y0, x1, y1) in pixels, x1/y1 exclusive, around the main white cell's
+    outline; explanations are later checked against it.
+    """
+    if not 0 <= label < len(CLASSES):
+        raise ValueError(f"label must be in [0, {len(CLASSES)}), got {label}")
+    if size < 8:
+        raise ValueError(f"size must be at least 8 px, got {size}")
+    look = _LOOKS[CLASSES[label]]
+    conc = np.zeros((3, size, size), dtype=np.float32)
+    _draw_background(conc, rng, style, size)
+    for _ in range(int(rng.poisson(style.rbc_density))):
+        _draw_red_cell(conc, rng, style, size)
+    cx, cy = (float(v) for v in rng.uniform(0.38, 0.62, size=2))
+    extra = int(rng.choice(3, p=(0.6, 0.3, 0.1)))
+    for _ in range(extra):  # drawn first so the main cell lies on top
+        ex, ey = _extra_cell_position(rng, cx, cy, 0.42)
+        _draw_white_cell(conc, rng, style, size, look, ex, ey)
+    _, _, radius = _draw_white_cell(conc, rng, style, size, look, cx, cy)
+    box = _pixel_box(cx, cy, radius, size)
+    return _develop(conc, rng, style, size), box
+
+
+def _pixel_box(cx: float, cy: float, radius: float, size: int) -> tuple[int, int, int, int]:
+    """Bounding box of a disc, in pixels, clipped to the image."""
+
+    def clip(v: float) -> int:
+        return int(min(max(v, 0), size))
+
+    return (
+        clip(math.floor((cx - radius) * size)),
+        clip(math.floor((cy - radius) * size)),
+        clip(math.ceil((cx + radius) * size)),
+        clip(math.ceil((cy + radius) * size)),
+    )
+
+
+def patient_style(seed: int, label: int, patient: int) -> PatientStyle:
+    """The style of one patient, a pure function of (seed, class, patient number)."""
+    return PatientStyle.sample(np.random.default_rng([seed, 0, label, patient]))
+
+
+def image_rng(seed: int, index: int) -> np.random.Generator:
+    """The generator of image ``index``: independent of every other image, so any subset
+    can be regenerated and the work split across processes."""
+    return np.random.default_rng([seed, 1, index])
+
+
+def class_counts(n: int, class_weights: tuple[float, ...] | None = None) -> list[int]:
+    """Split ``n`` images over the classes by weight (largest remainder, sums to ``n``)."""
+    weights = np.asarray(class_weights if class_weights is not None else DEFAULT_CLASS_WEIGHTS, dtype=float)
+    if weights.shape != (len(CLASSES),) or (weights < 0).any() or weights.sum() <= 0:
+        raise ValueError(f"class_weights needs {len(CLASSES)} non-negative values with a positive sum")
+    exact = n * weights / weights.sum()
+    counts = np.floor(exact).astype(int)
+    for i in np.argsort(-(exact - counts), kind="stable")[: n - counts.sum()]:
+        counts[i] += 1
+    return [int(c) for c in counts]
+
+
+def plan(
+    n: int, seed: int, patients_per_class: int, class_weights: tuple[float, ...] | None = None
+) -> list[tuple[int, int]]:
+    """(label, patient) for every image index, in a shuffled but seed-fixed order.
+
+    Patients get unequal numbers of images (Dirichlet shares), as real patients do.
+    """
+    if n < 0 or patients_per_class < 1:
+        raise ValueError("n must be >= 0 and patients_per_class >= 1")
+    items: list[tuple[int, int]] = []
+    for label, count in enumerate(class_counts(n, class_weights)):
+        rng = np.random.default_rng([seed, 2, label])
+        shares = rng.dirichlet(np.full(patients_per_class, 4.0))
+        patients = rng.choice(patients_per_class, size=count, p=shares)
+        items.extend((label, int(p)) for p in patients)
+    order = np.random.default_rng([seed, 3]).permutation(len(items))
+    return [items[i] for i in order]
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """PNG bytes with low compression: generation speed matters more than size here."""
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def _render_row(args: tuple[int, int, int, int, int]) -> dict:
+    """Render and encode image ``index``; a top-level function so process pools can run it."""
+    index, label, patient, size, seed = args
+    image, box = render_smear(label, size, image_rng(seed, index), patient_style(seed, label, patient))
+    data = encode_png(image)
+    name = CLASSES[label]
+    return {
+        "path": f"{name}/synth_{index:06d}.png",
+        "label": name,
+        "group": f"patient_{name}_{patient:03d}",
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "width": size,
+        "height": size,
+        "image": data,
+        "cell_box": list(box),
+    }
+
+
+def generate(
+    n: int = 2000,
+    size: int = 64,
+    seed: int = 0,
+    patients_per_class: int = 20,
+    class_weights: tuple[float, ...] | None = None,
+    *,
+    workers: int = 1,
+) -> pa.Table:
+    """Generate ``n`` synthetic smears as a table (see ``SCHEMA``), deterministic in its args.
+
+    ``workers`` > 1 renders in a process pool; the result is identical either way, since
+    every image depends only on (seed, index, its class and its patient).
+    """
+    jobs = [(i, label, patient, size, seed) for i, (label, patient) in enumerate(plan(n, seed, patients_per_class, class_weights))]
+    if workers > 1 and len(jobs) > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            rows = list(pool.map(_render_row, jobs, chunksize=max(1, len(jobs) // (8 * workers))))
+    else:
+        rows = [_render_row(job) for job in jobs]
+    return pa.Table.from_pylist(rows, schema=SCHEMA)
+
+
+def write_folder(table: pa.Table, out_dir: Path) -> Path:
+    """Write each image to ``out_dir/<path>`` (class-per-folder) plus ``manifest.parquet``.
+
+    The manifest is the table without the image bytes, so folder readers and the
+    parquet path see the same rows; returns the manifest path.
+    """
+    out_dir = Path(out_dir)
+    paths = table.column("path").to_pylist()
+    images = table.column("image").to_pylist()
+    for rel, data in zip(paths, images):
+        target = out_dir / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+    manifest = out_dir / "manifest.parquet"
+    pq.write_table(table.drop_columns(["image"]), manifest)
+    return manifest

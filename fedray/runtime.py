@@ -1,0 +1,154 @@
+"""The Ray edge: starting Ray, actor options, resources, timeouts and restarts. Nothing else
+in fedray imports Ray's actor API; hospitals and the coordinator stay plain classes.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+
+from fedray.client import HospitalClient
+from fedray.config import ExperimentConfig, RuntimeConfig
+from fedray.coordinator import Coordinator
+from fedray.data.shards import ShardSet
+from fedray.messages import Failure, FitIns, FitRes
+
+
+class StartupError(RuntimeError):
+    """A hospital or coordinator that could not start; the message names it."""
+
+
+def init_ray(runtime: RuntimeConfig) -> None:
+    """Join the configured cluster, or start a local Ray bound to loopback."""
+    if ray.is_initialized():
+        return
+    address = runtime.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return
+    ray.init(
+        num_cpus=runtime.num_cpus or os.cpu_count(),
+        include_dashboard=False,
+        log_to_driver=True,
+        configure_logging=False,
+    )
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Resources of one hospital actor and the torch threads that match its CPU share."""
+
+    num_cpus: float
+    num_gpus: float
+    threads: int
+
+
+def hospital_placement(runtime: RuntimeConfig, hospitals: int, cluster_cpus: float) -> Placement:
+    """Share the CPUs evenly by default, so every hospital trains at once and none waits."""
+    cpus = runtime.hospital_num_cpus or max(cluster_cpus / hospitals, 0.01)
+    return Placement(num_cpus=cpus, num_gpus=runtime.hospital_num_gpus,
+                     threads=max(1, math.floor(cpus)))
+
+
+class RayPool:
+    """Hospital actors, created once for the run and kept until it ends."""
+
+    def __init__(self, config: ExperimentConfig, shards: ShardSet, run_dir: Path) -> None:
+        rt = config.runtime
+        placement = hospital_placement(rt, len(shards.hospitals),
+                                       ray.cluster_resources().get("CPU", os.cpu_count()))
+        remote = ray.remote(HospitalClient)
+        self.names = sorted(shards.hospitals)
+        self.actors = {
+            name: remote.options(
+                name=None, num_cpus=placement.num_cpus, num_gpus=placement.num_gpus,
+                max_restarts=rt.max_restarts, max_task_retries=0,
+            ).remote(name, str(shards.path(shards.hospitals[name])), config,
+                     str(run_dir / "hospitals" / name), placement.threads)
+            for name in self.names
+        }
+        self.info = self._start()
+
+    def _start(self) -> dict[str, dict]:
+        info = {}
+        for name, actor in self.actors.items():
+            try:
+                info[name] = ray.get(actor.info.remote())
+            except (RayActorError, RayTaskError) as exc:
+                raise StartupError(f"hospital {name} failed to start:\n{exc}") from exc
+        return info
+
+    def fit(self, weights: OrderedDict, instructions: dict[str, FitIns],
+            timeout_s: float) -> tuple[list[FitRes], list[Failure]]:
+        """Broadcast the weights once, gather what arrives before the deadline."""
+        ref = ray.put(weights)
+        pending = {self.actors[name].fit.remote(ref, ins): name
+                   for name, ins in instructions.items()}
+        ready, late = ray.wait(list(pending), num_returns=len(pending), timeout=timeout_s)
+        results, failures = [], []
+        for future in ready:
+            name = pending[future]
+            try:
+                results.append(ray.get(future))
+            except RayTaskError as exc:
+                failures.append(Failure(name, "error", f"hospital {name} raised:\n{exc}"))
+            except RayActorError as exc:
+                failures.append(Failure(name, "died", f"hospital {name} died: {exc}"))
+        for future in late:
+            failures.append(Failure(pending[future], "timeout",
+                                    f"hospital {pending[future]} missed the {timeout_s:.0f}s deadline"))
+        return results, failures
+
+    def restore(self, round_number: int) -> None:
+        ray.get([a.restore.remote(round_number) for a in self.actors.values()])
+
+
+class CoordinatorHost:
+    """What the coordinator actor runs: it builds the hospital pool inside the actor."""
+
+    def __init__(self, config: ExperimentConfig, run_dir: str, shard_root: str,
+                 resume: bool, num_threads: int | None) -> None:
+        shards = ShardSet.load(Path(shard_root))
+        self.pool = RayPool(config, shards, Path(run_dir))
+        self.coordinator = Coordinator(config, Path(run_dir), self.pool, shards,
+                                       num_threads=num_threads)
+        self.resumed_from = self.coordinator.resume() if resume else 0
+
+    def hospitals(self) -> dict[str, dict]:
+        return self.pool.info
+
+    def start_round(self) -> int:
+        return self.coordinator.round
+
+    def run_round(self) -> dict | None:
+        return self.coordinator.run_round()
+
+    def finish(self) -> dict:
+        return self.coordinator.finish()
+
+
+def launch_coordinator(config: ExperimentConfig, run_dir: Path, shards: ShardSet,
+                       resume: bool = False) -> ray.actor.ActorHandle:
+    """The coordinator actor; its CPUs are logical only (it evaluates while hospitals idle)."""
+    rt = config.runtime
+    remote = ray.remote(CoordinatorHost).options(
+        num_cpus=rt.coordinator_num_cpus, num_gpus=rt.coordinator_num_gpus, max_restarts=0)
+    threads = max(1, int(ray.cluster_resources().get("CPU", os.cpu_count() or 1)))
+    return remote.remote(config, str(run_dir), str(shards.root), resume, threads)
+
+
+def call(handle_method, *args, timeout: float | None = None):
+    """ray.get with the error unwrapped to the original exception type where possible."""
+    try:
+        return ray.get(handle_method.remote(*args), timeout=timeout)
+    except RayTaskError as exc:
+        cause = exc.as_instanceof_cause()
+        raise cause from None
+    except GetTimeoutError:
+        raise
