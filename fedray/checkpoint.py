@@ -21,7 +21,7 @@ ROUND_PREFIX = "round_"
 
 
 def save_weights(weights: dict[str, np.ndarray], path: Path) -> None:
-    save_file({k: np.ascontiguousarray(v) for k, v in weights.items()}, str(path))
+    save_file({k: np.require(v, requirements="C") for k, v in weights.items()}, str(path))
 
 
 def load_weights(path: Path) -> OrderedDict:
@@ -64,7 +64,7 @@ def save_tree(tree: Any, path: Path) -> None:
     """Any nest of dicts/lists/scalars/tensors (an optimizer or accountant state) to two files."""
     tensors: dict[str, np.ndarray] = {}
     structure = _encode(tree, tensors, "t")
-    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path.with_suffix(".safetensors")))
+    save_file({k: np.require(v, requirements="C") for k, v in tensors.items()}, str(path.with_suffix(".safetensors")))
     path.with_suffix(".json").write_text(json.dumps(structure))
 
 

@@ -130,6 +130,7 @@ class _ClassLook:
     chromatin_contrast: tuple[float, float]  # 0 = smooth, 1 = strongly clumped
     nucleoli: tuple[int, int]  # inclusive count range
     nucleolus_pallor: float  # 1 = invisible, 0 = unstained hole
+    nucleolus_size: tuple[float, float]  # radius as a fraction of nucleus radius
     notch_depth: tuple[float, float]  # fraction of radius removed by the indentation
     notch_width: tuple[float, float]  # angular half-width (radians)
     lobulation: float  # amplitude of contour harmonics
@@ -149,6 +150,7 @@ _LOOKS: dict[str, _ClassLook] = {
         chromatin_contrast=(0.05, 0.12),
         nucleoli=(0, 0),
         nucleolus_pallor=1.0,
+        nucleolus_size=(0.12, 0.15),
         notch_depth=(0.0, 0.04),
         notch_width=(0.4, 0.8),
         lobulation=0.02,
@@ -156,13 +158,14 @@ _LOOKS: dict[str, _ClassLook] = {
         vacuoles=(0, 0),
     ),
     "Early": _ClassLook(
-        cell_radius=(0.160, 0.190),
+        cell_radius=(0.165, 0.190),
         nc_ratio=(0.86, 0.92),
         nucleus_density=(0.60, 0.75),
         chromatin_grain=(0.10, 0.14),
-        chromatin_contrast=(0.15, 0.25),
+        chromatin_contrast=(0.10, 0.20),
         nucleoli=(2, 4),
-        nucleolus_pallor=0.30,
+        nucleolus_pallor=0.25,
+        nucleolus_size=(0.15, 0.20),
         notch_depth=(0.0, 0.05),
         notch_width=(0.4, 0.8),
         lobulation=0.03,
@@ -170,32 +173,34 @@ _LOOKS: dict[str, _ClassLook] = {
         vacuoles=(0, 0),
     ),
     "Pre": _ClassLook(
-        cell_radius=(0.150, 0.175),
+        cell_radius=(0.145, 0.165),
         nc_ratio=(0.76, 0.83),
-        nucleus_density=(0.80, 0.95),
+        nucleus_density=(0.85, 1.00),
         chromatin_grain=(0.20, 0.28),
-        chromatin_contrast=(0.35, 0.5),
+        chromatin_contrast=(0.40, 0.55),
         nucleoli=(0, 1),
         nucleolus_pallor=0.65,
-        notch_depth=(0.18, 0.30),
-        notch_width=(0.45, 0.7),
+        nucleolus_size=(0.12, 0.16),
+        notch_depth=(0.25, 0.38),
+        notch_width=(0.45, 0.65),
         lobulation=0.04,
         cytoplasm_density=(0.35, 0.50),
         vacuoles=(0, 1),
     ),
     "Pro": _ClassLook(
-        cell_radius=(0.175, 0.205),
-        nc_ratio=(0.62, 0.70),
+        cell_radius=(0.185, 0.215),
+        nc_ratio=(0.58, 0.66),
         nucleus_density=(0.85, 1.00),
         chromatin_grain=(0.30, 0.42),
         chromatin_contrast=(0.55, 0.75),
         nucleoli=(0, 1),
         nucleolus_pallor=0.6,
+        nucleolus_size=(0.12, 0.16),
         notch_depth=(0.45, 0.62),
         notch_width=(0.18, 0.28),
-        lobulation=0.08,
+        lobulation=0.10,
         cytoplasm_density=(0.30, 0.42),
-        vacuoles=(1, 4),
+        vacuoles=(2, 5),
     ),
 }
 
@@ -409,7 +414,7 @@ def _add_nucleoli(
     """Pale round nucleoli with a thin dark rim, placed inside the inner nucleus."""
     count = int(rng.integers(look.nucleoli[0], look.nucleoli[1] + 1))
     for _ in range(count):
-        rad = nuc_r * rng.uniform(0.12, 0.17)
+        rad = nuc_r * rng.uniform(*look.nucleolus_size)
         dist = nuc_r * rng.uniform(0.0, 0.5)
         phi = rng.uniform(0, 2 * math.pi)
         local = _Crop(crop.ys, crop.xs, crop.dy - dist * math.sin(phi), crop.dx - dist * math.cos(phi))
