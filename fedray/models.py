@@ -197,13 +197,18 @@ def _lookup(name: str) -> BackboneSpec:
     return spec
 
 
-def _construct(spec: BackboneSpec) -> nn.Module:
+def _construct(spec: BackboneSpec, pretrained: bool = False) -> nn.Module:
     """A randomly initialised backbone; never passes weights, so nothing can download."""
     if spec.source == "fedray":
         return SmallCNN()
     if spec.source == "timm":
         return _timm().create_model(spec.arch, pretrained=False)
-    return torchvision.models.get_model(spec.arch, weights=None, **_BUILD_KWARGS.get(spec.name, {}))
+    kwargs = dict(_BUILD_KWARGS.get(spec.name, {}))
+    if spec.name == "inception_v3":
+        # The ported weights expect inputs in [-1, 1]; transform_input maps our ImageNet-
+        # normalised inputs there, as torchvision does whenever it loads those weights.
+        kwargs["transform_input"] = pretrained
+    return torchvision.models.get_model(spec.arch, weights=None, **kwargs)
 
 
 def _replace_head(model: nn.Module, attr: str, num_classes: int, dropout: float) -> None:
@@ -471,7 +476,7 @@ def build_model(
     if not 0.0 <= dropout < 1.0:
         raise ModelError(f"dropout must be in [0, 1), got {dropout!r}")
     path = _weights_path(spec, weights_dir) if pretrained else None  # fail before the slow build
-    model = _construct(spec)
+    model = _construct(spec, pretrained)
     _replace_head(model, spec.head, num_classes, dropout)
     if path is not None:
         _load_backbone_weights(model, spec, path)

@@ -92,11 +92,12 @@ class PatientStyle:
     @classmethod
     def sample(cls, rng: np.random.Generator) -> PatientStyle:
         """Draw one patient's style; the spread is what hides class colour differences."""
-        stains = _BASE_STAINS * rng.lognormal(0.0, 0.12, size=(3, 3)).astype(np.float32)
+        stains = _BASE_STAINS * rng.lognormal(0.0, 0.08, size=(3, 3)).astype(np.float32)
         stains /= np.linalg.norm(stains, axis=1, keepdims=True)
-        strengths = rng.uniform(0.75, 1.3, size=3)
+        strengths = rng.uniform(0.85, 1.18, size=3)
         light = 1.0 - rng.uniform(0.0, 0.08, size=3)
-        target = np.clip(_BASE_TARGET + rng.normal(0.0, 0.05, size=3), 0.45, 0.92)
+        # Brightness varies more than hue: real stains differ in depth more than in colour.
+        target = np.clip(_BASE_TARGET * rng.lognormal(0.0, 0.05) * rng.lognormal(0.0, 0.025, size=3), 0.45, 0.92)
         return cls(
             stains=tuple(tuple(float(v) for v in row) for row in stains),
             strengths=_floats(strengths),
@@ -105,7 +106,7 @@ class PatientStyle:
             background_eosin=float(rng.uniform(0.04, 0.16)),
             blur=float(rng.uniform(0.0, 0.008)),
             rbc_density=float(rng.uniform(6.0, 20.0)),
-            zoom=float(rng.uniform(0.93, 1.07)),
+            zoom=float(rng.uniform(0.95, 1.05)),
             noise=float(rng.uniform(0.005, 0.025)),
         )
 
@@ -154,7 +155,7 @@ _LOOKS: dict[str, _ClassLook] = {
         notch_depth=(0.0, 0.04),
         notch_width=(0.4, 0.8),
         lobulation=0.02,
-        cytoplasm_density=(0.45, 0.65),
+        cytoplasm_density=(0.40, 0.55),
         vacuoles=(0, 0),
     ),
     "Early": _ClassLook(
@@ -173,8 +174,8 @@ _LOOKS: dict[str, _ClassLook] = {
         vacuoles=(0, 0),
     ),
     "Pre": _ClassLook(
-        cell_radius=(0.145, 0.165),
-        nc_ratio=(0.76, 0.83),
+        cell_radius=(0.140, 0.160),
+        nc_ratio=(0.78, 0.85),
         nucleus_density=(0.85, 1.00),
         chromatin_grain=(0.20, 0.28),
         chromatin_contrast=(0.40, 0.55),
@@ -188,18 +189,18 @@ _LOOKS: dict[str, _ClassLook] = {
         vacuoles=(0, 1),
     ),
     "Pro": _ClassLook(
-        cell_radius=(0.185, 0.215),
-        nc_ratio=(0.58, 0.66),
+        cell_radius=(0.190, 0.220),
+        nc_ratio=(0.55, 0.63),
         nucleus_density=(0.85, 1.00),
         chromatin_grain=(0.30, 0.42),
-        chromatin_contrast=(0.55, 0.75),
+        chromatin_contrast=(0.50, 0.65),
         nucleoli=(0, 1),
         nucleolus_pallor=0.6,
         nucleolus_size=(0.12, 0.16),
         notch_depth=(0.45, 0.62),
         notch_width=(0.18, 0.28),
         lobulation=0.10,
-        cytoplasm_density=(0.30, 0.42),
+        cytoplasm_density=(0.35, 0.50),
         vacuoles=(2, 5),
     ),
 }
@@ -286,25 +287,34 @@ def _value_noise(rng: np.random.Generator, crop: _Crop, grain: float, extent: fl
     """Smooth random field in [0, 1] with features about ``grain`` wide (normalised units).
 
     Why: chromatin texture (fine vs clumped) is a class cue; a lattice of random values
-    interpolated with smoothstep weights gives resolution-independent texture. The lattice
-    covers the nominal window (``extent`` around the centre), never the pixel-clipped crop,
-    so the random draws, and hence the scene, are the same at every image size.
+    interpolated with smoothstep weights gives resolution-independent texture, and a random
+    rotation of the lattice hides its axis-aligned blockiness. The lattice covers the
+    nominal window (``extent`` around the centre), never the pixel-clipped crop, so the
+    random draws, and hence the scene, are the same at every image size.
     """
-    n = int(math.ceil(2.0 * (extent + grain) / grain)) + 2
+    reach = extent * math.sqrt(2.0) + grain
+    n = int(math.ceil(2.0 * reach / grain)) + 2
     lattice = rng.random((n, n), dtype=np.float32)
+    angle = float(rng.uniform(0.0, 2.0 * math.pi))
     if crop.empty:
         return np.zeros((crop.dy.size, crop.dx.size), dtype=np.float32)
-    origin = -extent - grain
-    gx = (crop.dx[0] - origin) / grain
-    gy = (crop.dy[:, 0] - origin) / grain
+    ca, sa = math.cos(angle), math.sin(angle)
+    gx = ((crop.dx * ca - crop.dy * sa) + reach) / grain
+    gy = ((crop.dx * sa + crop.dy * ca) + reach) / grain
     ix = np.clip(np.floor(gx).astype(np.int64), 0, n - 2)
     iy = np.clip(np.floor(gy).astype(np.int64), 0, n - 2)
     fx, fy = np.clip(gx - ix, 0, 1), np.clip(gy - iy, 0, 1)
     fx, fy = fx * fx * (3 - 2 * fx), fy * fy * (3 - 2 * fy)
-    rows0, rows1 = lattice[iy], lattice[iy + 1]
-    top = rows0[:, ix] * (1 - fx) + rows0[:, ix + 1] * fx
-    bottom = rows1[:, ix] * (1 - fx) + rows1[:, ix + 1] * fx
-    return (top * (1 - fy)[:, None] + bottom * fy[:, None]).astype(np.float32)
+    top = lattice[iy, ix] * (1 - fx) + lattice[iy, ix + 1] * fx
+    bottom = lattice[iy + 1, ix] * (1 - fx) + lattice[iy + 1, ix + 1] * fx
+    return (top * (1 - fy) + bottom * fy).astype(np.float32)
+
+
+def _chromatin(rng: np.random.Generator, crop: _Crop, grain: float, extent: float) -> np.ndarray:
+    """Two octaves of noise: clumps of size ``grain`` with finer granules on top."""
+    coarse = _value_noise(rng, crop, grain, extent)
+    fine = _value_noise(rng, crop, grain * 0.4, extent)
+    return 0.75 * coarse + 0.25 * fine
 
 
 def _random_contour(
@@ -399,7 +409,7 @@ def _draw_white_cell(
     density = float(u(*look.nucleus_density))
     grain = nuc_r * float(u(*look.chromatin_grain))
     contrast = float(u(*look.chromatin_contrast))
-    texture = _value_noise(rng, crop, grain, nucleus.max_radius)
+    texture = _chromatin(rng, crop, grain, nucleus.max_radius)
     clumps = np.clip(0.5 + (texture - 0.5) * (1.0 + 2.5 * contrast), 0.0, 1.0)
     nuclear = density * (1.0 - contrast + 2.0 * contrast * clumps)
     nuclear = _add_nucleoli(rng, nuclear, crop, size, look, nuc_r)
@@ -476,7 +486,7 @@ def _develop(
     if sigma > 0.3:
         img = Image.fromarray(np.clip(rgb * 255.0 + 0.5, 0, 255).astype(np.uint8))
         rgb = np.asarray(img.filter(ImageFilter.GaussianBlur(sigma)), dtype=np.float32) / 255.0
-    target = np.asarray(style.target, dtype=np.float32) * rng.lognormal(0.0, 0.03, size=3).astype(np.float32)
+    target = np.asarray(style.target, dtype=np.float32) * rng.lognormal(0.0, 0.02, size=3).astype(np.float32)
     gain = (target / np.maximum(rgb.reshape(-1, 3).mean(axis=0), 1e-3)) ** _EXPOSURE_STRENGTH
     rgb = rgb * gain + rng.normal(0.0, style.noise, size=rgb.shape).astype(np.float32)
     return np.clip(rgb * 255.0 + 0.5, 0, 255).astype(np.uint8)
