@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import io
 import math
+import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,7 +98,9 @@ class PatientStyle:
         strengths = rng.uniform(0.85, 1.18, size=3)
         light = 1.0 - rng.uniform(0.0, 0.08, size=3)
         # Brightness varies more than hue: real stains differ in depth more than in colour.
-        target = np.clip(_BASE_TARGET * rng.lognormal(0.0, 0.05) * rng.lognormal(0.0, 0.025, size=3), 0.45, 0.92)
+        target = np.clip(
+            _BASE_TARGET * rng.lognormal(0.0, 0.05) * rng.lognormal(0.0, 0.025, size=3), 0.45, 0.92
+        )
         return cls(
             stains=tuple(tuple(float(v) for v in row) for row in stains),
             strengths=_floats(strengths),
@@ -230,8 +233,14 @@ class _Crop:
 def _crop(cx: float, cy: float, radius: float, size: int) -> _Crop:
     """Window around (cx, cy) covering ``radius`` plus a pixel of anti-aliasing margin."""
     pad = radius + 2.0 / size
-    x0, x1 = max(0, int(math.floor((cx - pad) * size))), min(size, int(math.ceil((cx + pad) * size)))
-    y0, y1 = max(0, int(math.floor((cy - pad) * size))), min(size, int(math.ceil((cy + pad) * size)))
+    x0, x1 = (
+        max(0, math.floor((cx - pad) * size)),
+        min(size, math.ceil((cx + pad) * size)),
+    )
+    y0, y1 = (
+        max(0, math.floor((cy - pad) * size)),
+        min(size, math.ceil((cy + pad) * size)),
+    )
     xs = ((np.arange(x0, x1, dtype=np.float32) + 0.5) / size - cx)[None, :]
     ys = ((np.arange(y0, y1, dtype=np.float32) + 0.5) / size - cy)[:, None]
     return _Crop(slice(y0, y1), slice(x0, x1), ys, xs)
@@ -265,16 +274,14 @@ class _Contour:
         v = (-crop.dx * sa + crop.dy * ca) / self.aspect
         rho = np.sqrt(u * u + v * v)
         theta = np.arctan2(v, u)
-        r = np.full_like(rho, self.radius)
         scale = np.ones_like(rho)
         for k, amp, phase in self.harmonics:
             scale += amp * np.cos(k * theta + phase)
         if self.notch_depth > 0.0:
-            d = np.angle(np.exp(1j * (theta - self.notch_angle))).astype(np.float32)
+            d = (theta - self.notch_angle + math.pi) % (2.0 * math.pi) - math.pi
             scale *= 1.0 - self.notch_depth * np.exp(-0.5 * (d / self.notch_width) ** 2)
-        r = r * scale
-        # One pixel of soft edge, measured in the unstretched frame.
-        return np.clip((r - rho) * size + 0.5, 0.0, 1.0)
+        # About one pixel of soft edge (measured in the shape's own stretched frame).
+        return np.clip((self.radius * scale - rho) * size + 0.5, 0.0, 1.0)
 
 
 def _circle_alpha(crop: _Crop, radius: float, size: int) -> np.ndarray:
@@ -293,7 +300,7 @@ def _value_noise(rng: np.random.Generator, crop: _Crop, grain: float, extent: fl
     random draws, and hence the scene, are the same at every image size.
     """
     reach = extent * math.sqrt(2.0) + grain
-    n = int(math.ceil(2.0 * reach / grain)) + 2
+    n = math.ceil(2.0 * reach / grain) + 2
     lattice = rng.random((n, n), dtype=np.float32)
     angle = float(rng.uniform(0.0, 2.0 * math.pi))
     if crop.empty:
@@ -355,14 +362,18 @@ def _paint(conc: np.ndarray, crop: _Crop, alpha: np.ndarray, values: np.ndarray)
     region += alpha[None] * (vals - region)
 
 
-def _draw_background(conc: np.ndarray, rng: np.random.Generator, style: PatientStyle, size: int) -> None:
+def _draw_background(
+    conc: np.ndarray, rng: np.random.Generator, style: PatientStyle, size: int
+) -> None:
     """Pale plasma: a little eosin with a smooth, faint unevenness."""
     full = _crop(0.5, 0.5, 0.5, size)
     field = _value_noise(rng, full, 0.35, 0.5)
     conc[2] = style.background_eosin * (0.75 + 0.5 * field)
 
 
-def _draw_red_cell(conc: np.ndarray, rng: np.random.Generator, style: PatientStyle, size: int) -> None:
+def _draw_red_cell(
+    conc: np.ndarray, rng: np.random.Generator, style: PatientStyle, size: int
+) -> None:
     """A biconcave red cell: eosin disc, thinner (paler) in the centre, slightly dark rim."""
     cx, cy = rng.uniform(-0.06, 1.06, size=2)
     radius = style.zoom * rng.uniform(0.062, 0.082)
@@ -374,16 +385,24 @@ def _draw_red_cell(conc: np.ndarray, rng: np.random.Generator, style: PatientSty
         return
     alpha = contour.alpha(crop, size)
     rel = np.sqrt(crop.dx**2 + crop.dy**2) / radius
-    thickness = 1.0 - pallor * np.exp(-((rel / 0.45) ** 2)) + 0.15 * np.exp(-(((rel - 0.9) / 0.12) ** 2))
+    thickness = (
+        1.0 - pallor * np.exp(-((rel / 0.45) ** 2)) + 0.15 * np.exp(-(((rel - 0.9) / 0.12) ** 2))
+    )
     eosin = np.broadcast_to(strength * thickness, alpha.shape)
     values = np.stack([np.zeros_like(eosin), np.zeros_like(eosin), eosin])
     _paint(conc, crop, alpha, values)
 
 
 def _draw_white_cell(
-    conc: np.ndarray, rng: np.random.Generator, style: PatientStyle, size: int, look: _ClassLook, cx: float, cy: float
-) -> tuple[float, float, float]:
-    """Paint one lymphoid cell of the given class look; return its (cx, cy, max radius).
+    conc: np.ndarray,
+    rng: np.random.Generator,
+    style: PatientStyle,
+    size: int,
+    look: _ClassLook,
+    cx: float,
+    cy: float,
+) -> float:
+    """Paint one lymphoid cell of the given class look; return its outline's max radius.
 
     Why the order: cytoplasm first, nucleus on top (eccentric, as in real lymphoblasts),
     then chromatin texture and nucleoli, which carry most of the class signal.
@@ -415,11 +434,16 @@ def _draw_white_cell(
     nuclear = _add_nucleoli(rng, nuclear, crop, size, look, nuc_r)
     values = np.stack([nuclear, np.full_like(nuclear, 0.1 * cyto), np.full_like(nuclear, 0.02)])
     _paint(conc, crop, nucleus.alpha(crop, size), values)
-    return cx, cy, cell.max_radius
+    return cell.max_radius
 
 
 def _add_nucleoli(
-    rng: np.random.Generator, nuclear: np.ndarray, crop: _Crop, size: int, look: _ClassLook, nuc_r: float
+    rng: np.random.Generator,
+    nuclear: np.ndarray,
+    crop: _Crop,
+    size: int,
+    look: _ClassLook,
+    nuc_r: float,
 ) -> np.ndarray:
     """Pale round nucleoli with a thin dark rim, placed inside the inner nucleus."""
     count = int(rng.integers(look.nucleoli[0], look.nucleoli[1] + 1))
@@ -427,7 +451,9 @@ def _add_nucleoli(
         rad = nuc_r * rng.uniform(*look.nucleolus_size)
         dist = nuc_r * rng.uniform(0.0, 0.5)
         phi = rng.uniform(0, 2 * math.pi)
-        local = _Crop(crop.ys, crop.xs, crop.dy - dist * math.sin(phi), crop.dx - dist * math.cos(phi))
+        local = _Crop(
+            crop.ys, crop.xs, crop.dy - dist * math.sin(phi), crop.dx - dist * math.cos(phi)
+        )
         inner = _circle_alpha(local, rad, size)
         rim = _circle_alpha(local, rad * 1.35, size) - inner
         nuclear = nuclear * (1.0 - inner * (1.0 - look.nucleolus_pallor)) * (1.0 + 0.35 * rim)
@@ -435,7 +461,13 @@ def _add_nucleoli(
 
 
 def _draw_vacuoles(
-    conc: np.ndarray, rng: np.random.Generator, size: int, look: _ClassLook, cx: float, cy: float, cell_r: float
+    conc: np.ndarray,
+    rng: np.random.Generator,
+    size: int,
+    look: _ClassLook,
+    cx: float,
+    cy: float,
+    cell_r: float,
 ) -> None:
     """Small unstained vacuoles in the cytoplasm (the nucleus, drawn later, may cover some)."""
     count = int(rng.integers(look.vacuoles[0], look.vacuoles[1] + 1))
@@ -451,7 +483,9 @@ def _draw_vacuoles(
         region *= 1.0 - 0.7 * _circle_alpha(crop, rad, size)[None]
 
 
-def _extra_cell_position(rng: np.random.Generator, cx: float, cy: float, min_dist: float) -> tuple[float, float]:
+def _extra_cell_position(
+    rng: np.random.Generator, cx: float, cy: float, min_dist: float
+) -> tuple[float, float]:
     """A spot for another white cell that does not sit on the main one (may leave the frame)."""
     for _ in range(8):
         x, y = rng.uniform(0.0, 1.0, size=2)
@@ -473,22 +507,28 @@ def _illumination(rng: np.random.Generator, size: int) -> np.ndarray:
     return 1.0 + gx * c[None, :] + gy * c[:, None] - vignette * r2
 
 
+def _jitter(rng: np.random.Generator, values: tuple[float, ...], sigma: float) -> np.ndarray:
+    """Per-image multiplicative wobble around a patient-level value (float32 array)."""
+    base = np.asarray(values, dtype=np.float32)
+    return base * rng.lognormal(0.0, sigma, size=base.shape).astype(np.float32)
+
+
 def _develop(
     conc: np.ndarray, rng: np.random.Generator, style: PatientStyle, size: int
 ) -> np.ndarray:
     """Turn stain concentrations into a uint8 RGB photo: absorb, blur, noise, auto-expose."""
     stains = np.asarray(style.stains, dtype=np.float32)
-    strengths = np.asarray(style.strengths, dtype=np.float32) * rng.lognormal(0.0, 0.06, size=3).astype(np.float32)
+    strengths = _jitter(rng, style.strengths, 0.06)
     od = np.tensordot(conc, stains * strengths[:, None], axes=([0], [0]))  # (H, W, 3)
-    light = np.asarray(style.light, dtype=np.float32) * rng.lognormal(0.0, 0.02, size=3).astype(np.float32)
+    light = _jitter(rng, style.light, 0.02)
     rgb = np.exp(-od) * light * _illumination(rng, size)[..., None]
     sigma = style.blur * size * rng.uniform(0.7, 1.3)
     if sigma > 0.3:
         img = Image.fromarray(np.clip(rgb * 255.0 + 0.5, 0, 255).astype(np.uint8))
         rgb = np.asarray(img.filter(ImageFilter.GaussianBlur(sigma)), dtype=np.float32) / 255.0
-    target = np.asarray(style.target, dtype=np.float32) * rng.lognormal(0.0, 0.02, size=3).astype(np.float32)
+    target = _jitter(rng, style.target, 0.02)
     gain = (target / np.maximum(rgb.reshape(-1, 3).mean(axis=0), 1e-3)) ** _EXPOSURE_STRENGTH
-    rgb = rgb * gain + rng.normal(0.0, style.noise, size=rgb.shape).astype(np.float32)
+    rgb = rgb * gain + np.float32(style.noise) * rng.standard_normal(rgb.shape, dtype=np.float32)
     return np.clip(rgb * 255.0 + 0.5, 0, 255).astype(np.uint8)
 
 
@@ -517,7 +557,7 @@ def render_smear(
     for _ in range(extra):  # drawn first so the main cell lies on top
         ex, ey = _extra_cell_position(rng, cx, cy, 0.42)
         _draw_white_cell(conc, rng, style, size, look, ex, ey)
-    _, _, radius = _draw_white_cell(conc, rng, style, size, look, cx, cy)
+    radius = _draw_white_cell(conc, rng, style, size, look, cx, cy)
     box = _pixel_box(cx, cy, radius, size)
     return _develop(conc, rng, style, size), box
 
@@ -549,9 +589,13 @@ def image_rng(seed: int, index: int) -> np.random.Generator:
 
 def class_counts(n: int, class_weights: tuple[float, ...] | None = None) -> list[int]:
     """Split ``n`` images over the classes by weight (largest remainder, sums to ``n``)."""
-    weights = np.asarray(class_weights if class_weights is not None else DEFAULT_CLASS_WEIGHTS, dtype=float)
+    weights = np.asarray(
+        class_weights if class_weights is not None else DEFAULT_CLASS_WEIGHTS, dtype=float
+    )
     if weights.shape != (len(CLASSES),) or (weights < 0).any() or weights.sum() <= 0:
-        raise ValueError(f"class_weights needs {len(CLASSES)} non-negative values with a positive sum")
+        raise ValueError(
+            f"class_weights needs {len(CLASSES)} non-negative values with a positive sum"
+        )
     exact = n * weights / weights.sum()
     counts = np.floor(exact).astype(int)
     for i in np.argsort(-(exact - counts), kind="stable")[: n - counts.sum()]:
@@ -588,7 +632,9 @@ def encode_png(image: np.ndarray) -> bytes:
 def _render_row(args: tuple[int, int, int, int, int]) -> dict:
     """Render and encode image ``index``; a top-level function so process pools can run it."""
     index, label, patient, size, seed = args
-    image, box = render_smear(label, size, image_rng(seed, index), patient_style(seed, label, patient))
+    image, box = render_smear(
+        label, size, image_rng(seed, index), patient_style(seed, label, patient)
+    )
     data = encode_png(image)
     name = CLASSES[label]
     return {
@@ -615,11 +661,17 @@ def generate(
     """Generate ``n`` synthetic smears as a table (see ``SCHEMA``), deterministic in its args.
 
     ``workers`` > 1 renders in a process pool; the result is identical either way, since
-    every image depends only on (seed, index, its class and its patient).
+    every image depends only on (seed, index, its class and its patient). The pool uses
+    "forkserver" so it is safe to call from a process that already runs threads (Ray).
     """
-    jobs = [(i, label, patient, size, seed) for i, (label, patient) in enumerate(plan(n, seed, patients_per_class, class_weights))]
+    jobs = [
+        (i, label, patient, size, seed)
+        for i, (label, patient) in enumerate(plan(n, seed, patients_per_class, class_weights))
+    ]
     if workers > 1 and len(jobs) > 1:
-        with ProcessPoolExecutor(workers) as pool:
+        with ProcessPoolExecutor(
+            workers, mp_context=multiprocessing.get_context("forkserver")
+        ) as pool:
             rows = list(pool.map(_render_row, jobs, chunksize=max(1, len(jobs) // (8 * workers))))
     else:
         rows = [_render_row(job) for job in jobs]
