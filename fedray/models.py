@@ -8,10 +8,12 @@ and a silent download inside a Ray worker would be both slow and surprising.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import math
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -29,6 +31,7 @@ __all__ = [
     "ModelError",
     "SmallCNN",
     "available_backbones",
+    "backbone_spec",
     "build_model",
     "make_dp_safe",
 ]
@@ -76,8 +79,8 @@ def _weights_source(source: str, arch: str) -> tuple[str | None, str | None]:
     """
     if source == "torchvision":
         return torchvision.models.get_model_weights(arch).DEFAULT.url, None
-    timm = _timm()
-    if source == "timm" and timm is not None:
+    timm = _timm() if source == "timm" else None
+    if timm is not None:
         cfg = timm.models.get_pretrained_cfg(arch)
         if cfg is not None:
             return cfg.url or None, cfg.hf_hub_id or None
@@ -97,7 +100,9 @@ def _spec(
 ) -> BackboneSpec:
     """A registry entry, with the weights file name derived from the library's own url."""
     arch = arch or name
-    url, hf_hub_id = _weights_source(source, arch)
+    # timm is imported only when a timm backbone is used (see _lookup): it costs every
+    # hospital process half a second of start-up otherwise.
+    url, hf_hub_id = _weights_source(source, arch) if source != "timm" else (None, None)
     return BackboneSpec(
         name=name,
         input_size=input_size,
@@ -187,14 +192,29 @@ class SmallCNN(nn.Module):
         return self.classifier(torch.flatten(self.pool(self.features(x)), 1))
 
 
+def backbone_spec(name: str) -> BackboneSpec:
+    """The full spec of an available backbone (timm weights info resolved on demand)."""
+    return _lookup(name)
+
+
 def _lookup(name: str) -> BackboneSpec:
     """The spec for `name`, or a ModelError that lists what exists / how to enable it."""
     spec = BACKBONES.get(name.strip().lower()) if isinstance(name, str) else None
     if spec is None:
         raise ModelError(f"unknown backbone {name!r}; known backbones: {', '.join(BACKBONES)}")
-    if spec.name not in available_backbones():
-        raise ModelError(f"backbone {spec.name!r} needs the {spec.source!r} package; pip install {spec.source}")
+    if spec.source == "timm":
+        if _timm() is None:
+            raise ModelError(
+                f"backbone {spec.name!r} needs the {spec.source!r} package; pip install {spec.source}")
+        return _with_timm_weights(spec)
     return spec
+
+
+@functools.cache
+def _with_timm_weights(spec: BackboneSpec) -> BackboneSpec:
+    url, hf_hub_id = _weights_source(spec.source, spec.arch)
+    return dataclasses.replace(spec, weights_file=url.rsplit("/", 1)[-1] if url else None,
+                               weights_url=url, hf_hub_id=hf_hub_id)
 
 
 def _construct(spec: BackboneSpec, pretrained: bool = False) -> nn.Module:
@@ -373,17 +393,6 @@ class _DPDenseNet(densenet.DenseNet):
         return self.classifier(torch.flatten(out, 1))
 
 
-if _timm() is not None:
-    from timm.models.xception import Block as _XceptionBlock
-
-    class _DPXceptionBlock(_XceptionBlock):
-        """timm Xception block with `x + skip` instead of `x += skip`."""
-
-        def forward(self, inp: Tensor) -> Tensor:
-            skip = inp if self.skip is None else self.skipbn(self.skip(inp))
-            return self.rep(inp) + skip
-
-
 def _dp_class_swaps() -> dict[type, type]:
     """Library class -> DP-safe subclass; timm's only when timm is installed."""
     swaps: dict[type, type] = {
@@ -394,8 +403,10 @@ def _dp_class_swaps() -> dict[type, type]:
         inception.BasicConv2d: _DPBasicConv2d,
         densenet.DenseNet: _DPDenseNet,
     }
-    if _timm() is not None:
-        swaps[_XceptionBlock] = _DPXceptionBlock
+    if "timm" in sys.modules:  # a timm model exists only once timm has been imported
+        from fedray._timm_blocks import DPXceptionBlock, XceptionBlock
+
+        swaps[XceptionBlock] = DPXceptionBlock
     return swaps
 
 

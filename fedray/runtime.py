@@ -57,7 +57,11 @@ def hospital_placement(runtime: RuntimeConfig, hospitals: int, cluster_cpus: flo
 
 
 class RayPool:
-    """Hospital actors, created once for the run and kept until it ends."""
+    """Hospital actors, created once for the run and kept until it ends.
+
+    Creating the pool does not wait for the actors: they import, decode their shards and build
+    their models while the coordinator starts; `wait_ready` (called by the coordinator) does.
+    """
 
     def __init__(self, config: ExperimentConfig, shards: ShardSet, run_dir: Path) -> None:
         rt = config.runtime
@@ -73,16 +77,16 @@ class RayPool:
                      str(run_dir / "hospitals" / name), placement.threads)
             for name in self.names
         }
-        self.info = self._start()
+        self.info: dict[str, dict] = {}
 
-    def _start(self) -> dict[str, dict]:
-        info = {}
+    def wait_ready(self) -> dict[str, dict]:
+        """Block until every hospital has loaded its shard; name the first that could not."""
         for name, actor in self.actors.items():
             try:
-                info[name] = ray.get(actor.info.remote())
+                self.info[name] = ray.get(actor.info.remote())
             except (RayActorError, RayTaskError) as exc:
                 raise StartupError(f"hospital {name} failed to start:\n{exc}") from exc
-        return info
+        return self.info
 
     def fit(self, weights: OrderedDict, instructions: dict[str, FitIns],
             timeout_s: float) -> tuple[list[FitRes], list[Failure]]:
@@ -112,10 +116,11 @@ class RayPool:
 class CoordinatorHost:
     """What the coordinator actor runs: it builds the hospital pool inside the actor."""
 
-    def __init__(self, config: ExperimentConfig, run_dir: str, shard_root: str,
+    def __init__(self, config: ExperimentConfig, run_dir: str, shard_root: str, pool: RayPool,
                  resume: bool, num_threads: int | None) -> None:
         shards = ShardSet.load(Path(shard_root))
-        self.pool = RayPool(config, shards, Path(run_dir))
+        self.pool = pool
+        self.pool.wait_ready()
         self.coordinator = Coordinator(config, Path(run_dir), self.pool, shards,
                                        num_threads=num_threads)
         self.resumed_from = self.coordinator.resume() if resume else 0
@@ -135,12 +140,16 @@ class CoordinatorHost:
 
 def launch_coordinator(config: ExperimentConfig, run_dir: Path, shards: ShardSet,
                        resume: bool = False) -> ray.actor.ActorHandle:
-    """The coordinator actor; its CPUs are logical only (it evaluates while hospitals idle)."""
+    """The hospital actors and the coordinator actor, all starting at once.
+
+    The coordinator's CPUs are logical only: it evaluates while the hospitals are idle.
+    """
     rt = config.runtime
+    pool = RayPool(config, shards, run_dir)
     remote = ray.remote(CoordinatorHost).options(
         num_cpus=rt.coordinator_num_cpus, num_gpus=rt.coordinator_num_gpus, max_restarts=0)
     threads = max(1, int(ray.cluster_resources().get("CPU", os.cpu_count() or 1)))
-    return remote.remote(config, str(run_dir), str(shards.root), resume, threads)
+    return remote.remote(config, str(run_dir), str(shards.root), pool, resume, threads)
 
 
 def call(handle_method, *args, timeout: float | None = None):

@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import fedray.models as models
-from fedray.models import BACKBONES, ModelError, available_backbones, build_model
+from fedray.models import BACKBONES, ModelError, available_backbones, backbone_spec, build_model
 
 NAMES = available_backbones()
 HAS_TIMM = models._timm() is not None
@@ -251,7 +251,7 @@ PRETRAINED = ["resnet18", "densenet121", "inception_v3", "mobilenet_v3_small"] +
 
 @pytest.mark.parametrize("name", PRETRAINED)
 def test_pretrained_weights_load_from_local_file(name: str, tmp_path: Path) -> None:
-    spec = BACKBONES[name]
+    spec = backbone_spec(name)
     torch.manual_seed(1)
     source = _library_state_dict(name)
     on_disk = _old_densenet_keys(source) if name == "densenet121" else source

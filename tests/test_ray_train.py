@@ -48,6 +48,7 @@ def test_hospitals_are_separate_processes_with_matched_threads(ray_session, tmp_
     config = tiny_config(tmp_path)
     shards = build_shards(load_source(config.data, 0), config.data, 2, 0, tmp_path / "data")
     pool = runtime.RayPool(config, shards, tmp_path)
+    pool.wait_ready()
     try:
         pids = {info["pid"] for info in pool.info.values()}
         assert len(pids) == 2 and os.getpid() not in pids
@@ -65,7 +66,7 @@ def test_hospital_that_cannot_start_is_named(ray_session, tmp_path) -> None:
     shards = build_shards(load_source(config.data, 0), config.data, 2, 0, tmp_path / "data")
     (tmp_path / "data" / "hospital_b.parquet").write_bytes(b"not parquet")
     with pytest.raises(runtime.StartupError, match="hospital_b failed to start"):
-        runtime.RayPool(config, shards, tmp_path)
+        runtime.RayPool(config, shards, tmp_path).wait_ready()
 
 
 def test_cli_train_then_resume_then_evaluate(ray_session, tmp_path, capsys) -> None:
