@@ -87,6 +87,15 @@ class HospitalClient:
                    "seconds": time.perf_counter() - start, "epochs": ins.local_epochs}
         return FitRes(self.name, to_numpy(self.model.state_dict()), len(self.dataset), metrics)
 
+    def save_local_model(self) -> str | None:
+        """Keep this hospital's last locally trained weights (for cross-site evaluation)."""
+        if self.state_dir is None:
+            return None
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        path = self.state_dir / "local_model.safetensors"
+        checkpoint.save_weights(to_numpy(self.model.state_dict()), path)
+        return str(path)
+
     # Local state (optimizer moments) stays at the hospital, in its own folder.
     def _state_path(self, round_number: int) -> Path:
         return self.state_dir / f"optimizer_{round_number:04d}"

@@ -39,6 +39,8 @@ class HospitalPool(Protocol):
 
     def restore(self, round_number: int) -> None: ...
 
+    def save_local_models(self) -> None: ...
+
 
 class LocalPool:
     """Hospitals as plain objects in this process: for tests and single-process debugging."""
@@ -61,6 +63,10 @@ class LocalPool:
     def restore(self, round_number: int) -> None:
         for client in self.clients.values():
             client.restore(round_number)
+
+    def save_local_models(self) -> None:
+        for client in self.clients.values():
+            client.save_local_model()
 
 
 class EarlyStop:
@@ -151,6 +157,7 @@ class Coordinator:
         results, failures = self.pool.fit(self.weights, self._instructions(r, selected),
                                           self.config.federation.round_timeout_s)
         timings["fit_s"] = time.perf_counter() - start
+        timings.update(getattr(self.pool, "timings", {}))
         start = time.perf_counter()
         new_weights = self.strategy.aggregate(r, self.weights, results, failures)
         timings["aggregate_s"] = time.perf_counter() - start
@@ -218,6 +225,7 @@ class Coordinator:
         for split in self.eval_sets:
             final[split] = self._evaluate(split, self.best_weights)
         checkpoint.save_weights(self.best_weights, self.run_dir / "model.safetensors")
+        self.pool.save_local_models()
         (self.run_dir / "metrics.json").write_text(json.dumps(final, indent=2))
         return final
 

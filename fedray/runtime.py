@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.exceptions import RayActorError, RayTaskError
 
 from fedray.client import HospitalClient
 from fedray.config import ExperimentConfig, RuntimeConfig
@@ -78,6 +79,7 @@ class RayPool:
             for name in self.names
         }
         self.info: dict[str, dict] = {}
+        self.timings: dict[str, float] = {}
 
     def wait_ready(self) -> dict[str, dict]:
         """Block until every hospital has loaded its shard; name the first that could not."""
@@ -91,7 +93,9 @@ class RayPool:
     def fit(self, weights: OrderedDict, instructions: dict[str, FitIns],
             timeout_s: float) -> tuple[list[FitRes], list[Failure]]:
         """Broadcast the weights once, gather what arrives before the deadline."""
+        start = time.perf_counter()
         ref = ray.put(weights)
+        self.timings = {"broadcast_s": time.perf_counter() - start}
         pending = {self.actors[name].fit.remote(ref, ins): name
                    for name, ins in instructions.items()}
         ready, late = ray.wait(list(pending), num_returns=len(pending), timeout=timeout_s)
@@ -111,6 +115,9 @@ class RayPool:
 
     def restore(self, round_number: int) -> None:
         ray.get([a.restore.remote(round_number) for a in self.actors.values()])
+
+    def save_local_models(self) -> None:
+        ray.get([a.save_local_model.remote() for a in self.actors.values()])
 
 
 class CoordinatorHost:
@@ -153,11 +160,9 @@ def launch_coordinator(config: ExperimentConfig, run_dir: Path, shards: ShardSet
 
 
 def call(handle_method, *args, timeout: float | None = None):
-    """ray.get with the error unwrapped to the original exception type where possible."""
+    """ray.get that re-raises an actor's error as its original type (message and traceback
+    kept), so a bad config or shard reads the same on Ray as in-process."""
     try:
         return ray.get(handle_method.remote(*args), timeout=timeout)
     except RayTaskError as exc:
-        cause = exc.as_instanceof_cause()
-        raise cause from None
-    except GetTimeoutError:
-        raise
+        raise exc.as_instanceof_cause() from None

@@ -38,7 +38,8 @@ def test_two_hospitals_one_round_on_ray(ray_session, tmp_path: Path) -> None:
     assert n_test == sum(shards["counts"]["test"].values())
     assert any(line.startswith("round 1/1 | hospitals 2/2") for line in lines)
     assert (run / "checkpoints" / "round_0001" / "global.safetensors").is_file()
-    assert (run / "hospitals" / "hospital_a").is_dir()
+    assert (run / "hospitals" / "hospital_a" / "local_model.safetensors").is_file()
+    assert set(shards["local_val"]) == {"hospital_a", "hospital_b"}
 
 
 def test_hospitals_are_separate_processes_with_matched_threads(ray_session, tmp_path) -> None:

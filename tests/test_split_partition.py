@@ -115,3 +115,15 @@ def test_by_group_partition() -> None:
 def test_hospital_names() -> None:
     assert partition.hospital_names(3) == ["hospital_a", "hospital_b", "hospital_c"]
     assert len(set(partition.hospital_names(30))) == 30
+
+
+def test_follow_mirrors_each_hospitals_class_mix() -> None:
+    ref_labels = np.array(["A"] * 100 + ["B"] * 100)
+    ref_owner = np.array([0] * 90 + [1] * 10 + [1] * 100)  # hospital 0: mostly A; 1: all B
+    labels = np.array(["A"] * 200 + ["B"] * 200)
+    owner = partition.follow(labels, np.arange(400), ref_labels, ref_owner, 2, seed=0)
+    assert 0.8 < np.mean(owner[labels == "A"] == 0) < 0.97
+    assert np.all(owner[labels == "B"] == 1)
+    units = np.repeat(np.arange(40), 10)  # whole units move together
+    owner = partition.follow(labels, units, ref_labels, ref_owner, 2, seed=1)
+    assert all(len(set(owner[units == u])) == 1 for u in range(40))

@@ -75,3 +75,23 @@ def by_group(sites: list[str], hospitals: int) -> np.ndarray:
     index = {s: i for i, s in enumerate(names)}
     return np.array([index[s] for s in sites])
 
+
+
+def follow(
+    labels: np.ndarray,
+    units: np.ndarray,
+    ref_labels: np.ndarray,
+    ref_owner: np.ndarray,
+    hospitals: int,
+    seed: int,
+) -> np.ndarray:
+    """Give each unit to a hospital with that hospital's share of its class in a reference
+    partition, so a hospital's local validation rows mirror its training mix (label skew too)."""
+    rng = np.random.default_rng(seed)
+    owner = np.empty(len(labels), dtype=np.int64)
+    for u in np.unique(units):
+        rows = np.flatnonzero(units == u)
+        counts = np.bincount(ref_owner[ref_labels == labels[rows[0]]], minlength=hospitals)
+        share = counts / counts.sum() if counts.sum() else np.full(hospitals, 1 / hospitals)
+        owner[rows] = rng.choice(hospitals, p=share)
+    return owner

@@ -105,6 +105,33 @@ def _owners(train: pa.Table, config: DataConfig, hospitals: int, seed: int) -> n
     return owner
 
 
+def _local_val_shards(val: pa.Table, train: pa.Table, owner: np.ndarray, config: DataConfig,
+                      names: list[str], seed: int, out_dir: Path) -> dict[str, str]:
+    """Each hospital's own slice of the validation split, for cross-site evaluation.
+
+    The global validation shard stays whole for the coordinator; these slices follow each
+    hospital's training mix (or its site, for by-group partitions).
+    """
+    p = config.partition
+    if p.scheme == "by-group" and p.group_column in val.column_names:
+        sites = sorted(set(str(s) for s in train.column(p.group_column).to_pylist()))
+        index = {s: i for i, s in enumerate(sites)}
+        val_owner = np.array([index.get(str(s), -1) for s in val.column(p.group_column).to_pylist()])
+    else:
+        groups = val.column("group").to_pylist() if config.split.group_aware else None
+        units = split_units(groups, val.column("sha256").to_pylist())
+        val_owner = partition.follow(np.asarray(val.column("label").to_pylist()), units,
+                                     np.asarray(train.column("label").to_pylist()), owner,
+                                     len(names), seed + 17)
+    files = {}
+    for h, name in enumerate(names):
+        rows = val.take(pa.array(np.flatnonzero(val_owner == h), type=pa.int64()))
+        if rows.num_rows:
+            write_shard(rows, out_dir / f"val_{name}.parquet")
+            files[name] = f"val_{name}.parquet"
+    return files
+
+
 def build_shards(table: pa.Table, config: DataConfig, hospitals: int, seed: int, out_dir: Path) -> ShardSet:
     """Split, partition and write one Parquet shard per hospital plus val/test shards."""
     table = _ensure_group(table)
@@ -130,14 +157,16 @@ def build_shards(table: pa.Table, config: DataConfig, hospitals: int, seed: int,
         write_shard(rows, out_dir / f"{name}.parquet")
         shard_files[name] = f"{name}.parquet"
         counts[name] = class_counts(rows)
-    val_file = None
+    val_file, local_val = None, {}
     if parts["val"].num_rows:
         write_shard(parts["val"], out_dir / "val.parquet")
         val_file = "val.parquet"
         counts["val"] = class_counts(parts["val"])
+        local_val = _local_val_shards(parts["val"], train, owner, config, names, seed, out_dir)
     write_shard(parts["test"], out_dir / "test.parquet")
     counts["test"] = class_counts(parts["test"])
-    shard_set = ShardSet(root=out_dir, hospitals=shard_files, val=val_file, test="test.parquet", counts=counts)
+    shard_set = ShardSet(root=out_dir, hospitals=shard_files, val=val_file, test="test.parquet",
+                         counts=counts, local_val=local_val)
     shard_set.save()
     (out_dir / "leakage.json").write_text(json.dumps({"spanning_splits": leaks}, indent=2))
     return shard_set

@@ -32,6 +32,7 @@ class ShardSet:
     val: str | None
     test: str
     counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    local_val: dict[str, str] = field(default_factory=dict)  # hospital -> its validation slice
 
     def path(self, name: str) -> Path:
         return self.root / name
