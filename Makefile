@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: install
-	$(BIN)/fedray train --config configs/demo.yaml
+	$(BIN)/fedray train --config configs/demo.yaml --report
 
 test: install
 	$(BIN)/python -m pytest -q

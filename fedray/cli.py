@@ -46,12 +46,20 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override a config field, e.g. --set federation.rounds=3")
     train.add_argument("--output-dir", type=Path, help="parent folder of the run folder")
     train.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a stopped run")
+    train.add_argument("--report", action="store_true", help="write the HTML/Markdown report at the end")
     train.set_defaults(func=cmd_train)
 
     evaluate = sub.add_parser("evaluate", help="evaluate a run's model on its held-out split")
     evaluate.add_argument("run", type=Path)
     evaluate.add_argument("--split", default="test", choices=["val", "test"])
     evaluate.set_defaults(func=cmd_evaluate)
+
+    rep = sub.add_parser("report", help="HTML + Markdown report of a run, or compare several runs")
+    rep.add_argument("runs", type=Path, nargs="+", metavar="RUN_DIR")
+    rep.add_argument("--compare", action="store_true", help="side-by-side table and overlaid curves")
+    rep.add_argument("--output-dir", type=Path, help="default: <run>/report; required with --compare")
+    rep.add_argument("--explanations", type=int, default=8, help="test images with Grad-CAM (0: none)")
+    rep.set_defaults(func=cmd_report)
 
     backbones = sub.add_parser("backbones", help="list the backbone registry")
     backbones.set_defaults(func=cmd_backbones)
@@ -120,6 +128,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         config = load_config(args.config, args.overrides)
     result = experiment.run(config, output_dir=args.output_dir, resume=args.resume)
+    if args.report:
+        from fedray.report import build_report
+
+        html, _ = build_report(result.run_dir)
+        print(f"report: {html}")
     print(f"outputs: {result.run_dir}")
     return 0
 
@@ -131,6 +144,21 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     metrics = evaluate_run(args.run, args.split)
     print(format_table({args.split: metrics}))
     print(json.dumps({"confusion_matrix": metrics["confusion_matrix"]}))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from fedray.report import build_report, compare_runs
+
+    if args.compare:
+        if not args.output_dir:
+            raise ValueError("--compare needs --output-dir")
+        paths = compare_runs(args.runs, args.output_dir)
+    else:
+        if len(args.runs) != 1:
+            raise ValueError("give one run folder, or use --compare")
+        paths = build_report(args.runs[0], args.output_dir, explanations=args.explanations)
+    print("\n".join(map(str, paths)))
     return 0
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from fedray import checkpoint, engine
+from fedray import checkpoint, engine, privacy
 from fedray.config import ExperimentConfig
 from fedray.data.shards import ShardDataset
 from fedray.data.transforms import train_preset
@@ -48,15 +48,28 @@ class HospitalClient:
             expand_flips=config.data.flip_x4,
         )
         m, t = config.model, config.training
+        # `model` is the plain module: weights come in and go out through it, never with
+        # Opacus's `_module.` prefixes. `train_model` is what the loop runs (wrapped under DP).
         self.model = build_model(
             m.backbone, pretrained=m.pretrained, freeze=m.freeze, dp_safe=m.dp_safe,
             dropout=m.dropout, weights_dir=m.weights_dir,
         ).to(self.device)
         if t.channels_last and self.device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.optimizer = engine.make_optimizer(self.model, t.lr, t.weight_decay)
+        self.base_optimizer = engine.make_optimizer(self.model, t.lr, t.weight_decay)
         counts = self.dataset.class_counts() if t.class_weighted else None
         self.loss_fn = engine.make_loss(counts, t.label_smoothing).to(self.device)
+        self.generator = torch.Generator()
+        loader = DataLoader(self.dataset, batch_size=t.batch_size, shuffle=True,
+                            generator=self.generator, pin_memory=self.device.type == "cuda")
+        settings = privacy.resolve(config, name, len(self.dataset))
+        self.private: privacy.PrivateTraining | None = None
+        if settings is None:
+            self.train_model, self.optimizer, self.loader = self.model, self.base_optimizer, loader
+        else:
+            self.private = privacy.make_private(self.model, self.base_optimizer, loader, settings)
+            self.train_model = self.private.model
+            self.optimizer, self.loader = self.private.optimizer, self.private.loader
 
     def info(self) -> dict:
         counts = self.dataset.class_counts().tolist()
@@ -66,25 +79,27 @@ class HospitalClient:
     def fit(self, weights: OrderedDict, ins: FitIns) -> FitRes:
         """Load the global weights, train E local epochs, return the new weights."""
         start = time.perf_counter()
+        if self.private is not None:
+            self.private.check_budget(self.name, ins.local_epochs)
         self.model.load_state_dict(to_torch(weights))
-        for group in self.optimizer.param_groups:
+        for group in self.base_optimizer.param_groups:
             group["lr"] = ins.lr
         torch.manual_seed(ins.seed)
-        loader = DataLoader(
-            self.dataset, batch_size=self.config.training.batch_size, shuffle=True,
-            generator=torch.Generator().manual_seed(ins.seed),
-            pin_memory=self.device.type == "cuda",
-        )
+        self.generator.manual_seed(ins.seed)
         t = self.config.training
+        # Under DP, per-sample clipping to max_grad_norm replaces batch gradient clipping.
+        grad_clip = t.grad_clip if self.private is None else None
         stats = None
         for _ in range(ins.local_epochs):
             stats = engine.train_one_epoch(
-                self.model, loader, self.optimizer, self.loss_fn, self.device,
-                grad_clip=t.grad_clip, amp=t.amp, channels_last=t.channels_last,
+                self.train_model, self.loader, self.optimizer, self.loss_fn, self.device,
+                grad_clip=grad_clip, amp=t.amp, channels_last=t.channels_last,
             )
         self._save_state(ins.round)
         metrics = {"loss": stats.loss, "accuracy": stats.accuracy,
                    "seconds": time.perf_counter() - start, "epochs": ins.local_epochs}
+        if self.private is not None:
+            metrics.update(self.private.report())
         return FitRes(self.name, to_numpy(self.model.state_dict()), len(self.dataset), metrics)
 
     def save_local_model(self) -> str | None:
@@ -96,26 +111,33 @@ class HospitalClient:
         checkpoint.save_weights(to_numpy(self.model.state_dict()), path)
         return str(path)
 
-    # Local state (optimizer moments) stays at the hospital, in its own folder.
+    # Local state (optimizer moments, privacy ledger) stays at the hospital, in its own folder.
     def _state_path(self, round_number: int) -> Path:
-        return self.state_dir / f"optimizer_{round_number:04d}"
+        return self.state_dir / f"state_{round_number:04d}"
 
     def _save_state(self, round_number: int) -> None:
         if self.state_dir is None:
             return
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        checkpoint.save_tree(self.optimizer.state_dict(), self._state_path(round_number))
-        for old in sorted(self.state_dir.glob("optimizer_*.json"))[:-3]:
+        state = {"optimizer": self.base_optimizer.state_dict()}
+        if self.private is not None:
+            state["ledger"] = self.private.ledger.state_dict()
+        checkpoint.save_tree(state, self._state_path(round_number))
+        for old in sorted(self.state_dir.glob("state_*.json"))[:-3]:
             old.unlink()
             old.with_suffix(".safetensors").unlink(missing_ok=True)
 
     def restore(self, round_number: int) -> bool:
-        """Reload the optimizer state this hospital had after its last round <= round_number."""
+        """Reload the optimizer state (and privacy ledger) this hospital had after its last
+        round <= round_number."""
         if self.state_dir is None:
             return False
-        kept = [int(p.stem.split("_")[1]) for p in self.state_dir.glob("optimizer_*.json")]
+        kept = [int(p.stem.split("_")[1]) for p in self.state_dir.glob("state_*.json")]
         usable = [r for r in kept if r <= round_number]
         if not usable:
             return False
-        self.optimizer.load_state_dict(checkpoint.load_tree(self._state_path(max(usable))))
+        state = checkpoint.load_tree(self._state_path(max(usable)))
+        self.base_optimizer.load_state_dict(state["optimizer"])
+        if self.private is not None and "ledger" in state:
+            self.private.ledger.load_state_dict(state["ledger"])
         return True

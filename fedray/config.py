@@ -107,6 +107,34 @@ class TrainingConfig(_Strict):
     eval_batch_size: int = Field(128, ge=1)
 
 
+class PrivacyOverride(_Strict):
+    """Per-hospital exceptions to the run-wide DP settings (None keeps the run's value)."""
+
+    noise_multiplier: float | None = Field(None, ge=0)
+    max_grad_norm: float | None = Field(None, gt=0)
+    target_epsilon: float | None = Field(None, gt=0)
+    budget: float | None = Field(None, gt=0)
+    delta: float | None = Field(None, gt=0, lt=1)
+
+
+class PrivacyConfig(_Strict):
+    """Sample-level DP-SGD in every hospital (Opacus), with one ledger per hospital per run."""
+
+    enabled: bool = False
+    noise_multiplier: float = Field(1.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    target_epsilon: float | None = Field(
+        None, gt=0, description="solve the noise for the planned rounds x local epochs")
+    budget: float | None = Field(
+        None, gt=0, description="epsilon at which a hospital stops; default target_epsilon")
+    delta: float | None = Field(None, gt=0, lt=1, description="default 0.1 / shard size")
+    accountant: Literal["rdp", "prv"] = "rdp"
+    poisson_sampling: bool = True
+    secure_mode: bool = False
+    grad_sample_mode: Literal["hooks", "functorch", "ew"] = "hooks"
+    hospitals: dict[str, PrivacyOverride] = Field(default_factory=dict)
+
+
 class StrategyConfig(_Strict):
     name: Literal["fedavg"] = "fedavg"
 
@@ -150,7 +178,15 @@ class ExperimentConfig(_Strict):
     model: ModelConfig = ModelConfig()
     training: TrainingConfig = TrainingConfig()
     federation: FederationConfig = FederationConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
     runtime: RuntimeConfig = RuntimeConfig()
+
+    @model_validator(mode="after")
+    def _private_models_are_dp_safe(self) -> ExperimentConfig:
+        if self.privacy.enabled and not self.model.dp_safe:
+            raise ValueError("privacy.enabled needs model.dp_safe: true (GroupNorm instead of "
+                             "BatchNorm, no in-place ops); set both")
+        return self
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

@@ -26,6 +26,7 @@ from fedray.data.transforms import eval_preset
 from fedray.messages import Failure, FitIns, FitRes, to_numpy, to_torch
 from fedray.metrics import classification_metrics
 from fedray.models import build_model
+from fedray.privacy import PrivacyBudgetExhausted
 from fedray.strategy import build_strategy
 
 
@@ -56,6 +57,8 @@ class LocalPool:
         for name, ins in instructions.items():
             try:
                 results.append(self.clients[name].fit(weights, ins))
+            except PrivacyBudgetExhausted as exc:
+                failures.append(Failure(name, "budget", str(exc)))
             except Exception as exc:  # noqa: BLE001 - a failed hospital is data
                 failures.append(Failure(name, "error", f"{name}: {exc!r}\n{traceback.format_exc()}"))
         return results, failures
@@ -126,6 +129,7 @@ class Coordinator:
         self.early = EarlyStop(t.early_stopping_patience)
         self.stop_reason: str | None = None
         self.best_round = 0
+        self.exhausted: set[str] = set()
 
     # ---- the round -------------------------------------------------------------------
     @property
@@ -152,13 +156,15 @@ class Coordinator:
             return None
         r = self.round + 1
         timings: dict[str, float] = {}
-        selected = self.strategy.select(r, self.pool.names, self.rng)
+        available = [n for n in self.pool.names if n not in self.exhausted]
+        selected = self.strategy.select(r, available, self.rng)
         start = time.perf_counter()
         results, failures = self.pool.fit(self.weights, self._instructions(r, selected),
                                           self.config.federation.round_timeout_s)
         timings["fit_s"] = time.perf_counter() - start
         timings.update(getattr(self.pool, "timings", {}))
         start = time.perf_counter()
+        self.exhausted.update(f.hospital for f in failures if f.kind == "budget")
         new_weights = self.strategy.aggregate(r, self.weights, results, failures)
         timings["aggregate_s"] = time.perf_counter() - start
         counted = new_weights is not None
@@ -170,6 +176,8 @@ class Coordinator:
         self.round = r
         record = self._record(r, selected, results, failures, counted, val, timings)
         self._after_round(val)
+        if self.stop_reason is None:
+            self._check_budgets()
         record["lr_next"] = self.lr
         record["stop_reason"] = self.stop_reason
         self.history.append(record)
@@ -188,6 +196,13 @@ class Coordinator:
         if self.early.triggered:
             self.stop_reason = (f"early stopping: validation loss did not improve for "
                                 f"{self.early.patience} rounds")
+
+    def _check_budgets(self) -> None:
+        left = len(self.pool.names) - len(self.exhausted)
+        if left < self.strategy.min_clients:
+            self.stop_reason = (f"privacy budget spent: {left} hospital(s) can still train, "
+                                f"min_clients is {self.strategy.min_clients} "
+                                f"(exhausted: {', '.join(sorted(self.exhausted))})")
 
     def _record(self, r: int, selected: list[str], results: list[FitRes],
                 failures: list[Failure], counted: bool, val: dict | None,
@@ -240,6 +255,7 @@ class Coordinator:
             "early": {"best": self.early.best, "bad_rounds": self.early.bad_rounds},
             "best_round": self.best_round,
             "stop_reason": self.stop_reason,
+            "exhausted": sorted(self.exhausted),
             "strategy": self.strategy.state_dict(),
             "torch_rng": torch.get_rng_state().tolist(),
             "config": self.config.model_dump(mode="json"),
@@ -266,6 +282,7 @@ class Coordinator:
         self.early.bad_rounds = state["early"]["bad_rounds"]
         self.best_round = state["best_round"]
         self.stop_reason = state["stop_reason"]
+        self.exhausted = set(state.get("exhausted", []))
         self.strategy.load_state_dict(state["strategy"])
         torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
         self.best_weights = (checkpoint.load_round(self.checkpoints, self.best_round)[0]

@@ -68,6 +68,9 @@ def progress_line(record: dict, rounds: int) -> str:
         v = record["val"]
         parts.append(f"val loss {v['loss']:.4f} acc {v['accuracy']:.4f} "
                      f"bacc {v['balanced_accuracy']:.4f}")
+    eps = [h["epsilon"] for h in record["hospitals"].values() if "epsilon" in h]
+    if eps:
+        parts.append(f"eps max {max(eps):.2f}")
     parts.append(f"lr {record['lr']:.2e}")
     t = record["timings"]
     parts.append(f"{t['fit_s'] + t['aggregate_s'] + t['evaluate_s']:.1f}s")

@@ -19,6 +19,7 @@ from fedray.config import ExperimentConfig, RuntimeConfig
 from fedray.coordinator import Coordinator
 from fedray.data.shards import ShardSet
 from fedray.messages import Failure, FitIns, FitRes
+from fedray.privacy import PrivacyBudgetExhausted
 
 
 class StartupError(RuntimeError):
@@ -105,7 +106,10 @@ class RayPool:
             try:
                 results.append(ray.get(future))
             except RayTaskError as exc:
-                failures.append(Failure(name, "error", f"hospital {name} raised:\n{exc}"))
+                if isinstance(exc.as_instanceof_cause(), PrivacyBudgetExhausted):
+                    failures.append(Failure(name, "budget", str(exc.as_instanceof_cause().args[0])))
+                else:
+                    failures.append(Failure(name, "error", f"hospital {name} raised:\n{exc}"))
             except RayActorError as exc:
                 failures.append(Failure(name, "died", f"hospital {name} died: {exc}"))
         for future in late:
