@@ -70,6 +70,9 @@ class HospitalClient:
             self.private = privacy.make_private(self.model, self.base_optimizer, loader, settings)
             self.train_model = self.private.model
             self.optimizer, self.loader = self.private.optimizer, self.private.loader
+        # A hospital restarted after a crash picks up its own last state (optimizer moments,
+        # privacy ledger) so epsilon never resets; a new run's folder is empty.
+        self.restore(round_number=2**31)
 
     def info(self) -> dict:
         counts = self.dataset.class_counts().tolist()

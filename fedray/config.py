@@ -166,6 +166,7 @@ class RuntimeConfig(_Strict):
     coordinator_num_cpus: float = Field(0.0, ge=0)
     coordinator_num_gpus: float = Field(0.0, ge=0)
     max_restarts: int = Field(1, ge=0)
+    restart_wait_s: float = Field(120.0, ge=0, description="wait for a restarting hospital")
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 

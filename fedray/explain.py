@@ -184,7 +184,7 @@ def _lime(
     n_segments: int = 64,
     segmentation: str = "slic",
     compactness: float = 1.0,
-    baseline: float = 0.0,
+    baseline: float | str = "mean",
     ridge_alpha: float = 1.0,
     perturbations_per_eval: int = 16,
     seed: int = 0,
@@ -211,7 +211,7 @@ def _lime(
             torch.manual_seed(seed)
             attr = lime.attribute(
                 image[None],
-                baselines=float(baseline),
+                baselines=_lime_baseline(baseline, image),
                 target=int(target),
                 feature_mask=mask.to(inputs.device)[None, None].expand(1, image.shape[0], -1, -1),
                 n_samples=n_samples,
@@ -219,6 +219,19 @@ def _lime(
             )
         maps.append(attr[0, 0].clamp(min=0))
     return torch.stack(maps)
+
+
+def _lime_baseline(baseline: float | str, image: Tensor) -> float | Tensor:
+    """What a switched-off superpixel shows: "mean" = the image's own mean colour.
+
+    The image mean (mostly plasma background) keeps perturbed smears close to real ones; a
+    constant such as 0 (the ImageNet mean colour) paints grey patches the model never saw.
+    """
+    if baseline == "mean":
+        return image.mean(dim=(-2, -1), keepdim=True)[None]
+    if isinstance(baseline, (int, float)):
+        return float(baseline)
+    raise ExplainError(f"lime baseline must be 'mean' or a number, got {baseline!r}")
 
 
 _METHODS: dict[str, Callable[..., Tensor]] = {

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import ray
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
 
 from fedray.client import HospitalClient
 from fedray.config import ExperimentConfig, RuntimeConfig
@@ -81,6 +81,7 @@ class RayPool:
         }
         self.info: dict[str, dict] = {}
         self.timings: dict[str, float] = {}
+        self.restart_wait_s = rt.restart_wait_s
 
     def wait_ready(self) -> dict[str, dict]:
         """Block until every hospital has loaded its shard; name the first that could not."""
@@ -91,16 +92,40 @@ class RayPool:
                 raise StartupError(f"hospital {name} failed to start:\n{exc}") from exc
         return self.info
 
+    def _reachable(self, names: list[str], wait_s: float) -> tuple[list[str], list[Failure]]:
+        """Hospitals that answer a ping; one Ray is still restarting gets up to `wait_s`."""
+        deadline = time.monotonic() + wait_s
+        alive, failures = [], []
+        for name in names:
+            while True:
+                try:
+                    ray.get(self.actors[name].info.remote(),
+                            timeout=max(0.1, deadline - time.monotonic()))
+                    alive.append(name)
+                    break
+                except ActorUnavailableError:
+                    if time.monotonic() > deadline:
+                        failures.append(Failure(name, "unavailable",
+                                                f"hospital {name} still restarting after {wait_s:.0f}s"))
+                        break
+                    time.sleep(0.2)
+                except (RayActorError, GetTimeoutError) as exc:
+                    failures.append(Failure(name, "died", f"hospital {name} is gone: {exc}"))
+                    break
+        return alive, failures
+
     def fit(self, weights: OrderedDict, instructions: dict[str, FitIns],
             timeout_s: float) -> tuple[list[FitRes], list[Failure]]:
         """Broadcast the weights once, gather what arrives before the deadline."""
+        alive, failures = self._reachable(sorted(instructions), self.restart_wait_s)
         start = time.perf_counter()
         ref = ray.put(weights)
         self.timings = {"broadcast_s": time.perf_counter() - start}
-        pending = {self.actors[name].fit.remote(ref, ins): name
-                   for name, ins in instructions.items()}
+        pending = {self.actors[name].fit.remote(ref, instructions[name]): name for name in alive}
+        if not pending:
+            return [], failures
         ready, late = ray.wait(list(pending), num_returns=len(pending), timeout=timeout_s)
-        results, failures = [], []
+        results = []
         for future in ready:
             name = pending[future]
             try:
