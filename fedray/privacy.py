@@ -27,10 +27,13 @@ class PrivacyBudgetExhausted(RuntimeError):
     """The hospital's next round would take its epsilon past the budget; it does not train."""
 
     def __init__(self, hospital: str, spent: float, projected: float, budget: float) -> None:
-        super().__init__(
-            f"hospital {hospital}: privacy budget exhausted (epsilon spent {spent:.3f}, "
-            f"next round would reach {projected:.3f} > budget {budget:.3f})")
+        super().__init__(hospital, spent, projected, budget)  # args as given: survives pickling
         self.hospital, self.spent, self.projected, self.budget = hospital, spent, projected, budget
+
+    def __str__(self) -> str:
+        return (f"hospital {self.hospital}: privacy budget exhausted (epsilon spent "
+                f"{self.spent:.3f}, next round would reach {self.projected:.3f} > budget "
+                f"{self.budget:.3f})")
 
 
 @dataclass(frozen=True)

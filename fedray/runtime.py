@@ -131,8 +131,8 @@ class RayPool:
             try:
                 results.append(ray.get(future))
             except RayTaskError as exc:
-                if isinstance(exc.as_instanceof_cause(), PrivacyBudgetExhausted):
-                    failures.append(Failure(name, "budget", str(exc.as_instanceof_cause().args[0])))
+                if isinstance(exc.cause, PrivacyBudgetExhausted):
+                    failures.append(Failure(name, "budget", str(exc.cause)))
                 else:
                     failures.append(Failure(name, "error", f"hospital {name} raised:\n{exc}"))
             except RayActorError as exc:

@@ -33,7 +33,8 @@ from fedray.messages import to_numpy
 from fedray.models import BACKBONES, available_backbones, build_model
 
 SIZE = 48  # training/evaluation size of the sanity-check model
-CHEAP: dict[str, dict[str, int]] = {"lime": {"n_samples": 16}, "integrated_gradients": {"n_steps": 8}}
+CHEAP: dict[str, dict[str, int]] = {"lime": {"n_samples": 16},
+                                    "integrated_gradients": {"n_steps": 8}}
 
 # Opacus's chatter when the dp_safe variants are built.
 pytestmark = pytest.mark.filterwarnings("ignore:Secure RNG turned off")
@@ -49,7 +50,10 @@ def _one_thread():
     torch.set_num_threads(previous)
 
 
-def _smears(n: int, size: int, seed: int, patients: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+Smears = tuple[torch.Tensor, torch.Tensor, np.ndarray]
+
+
+def _smears(n: int, size: int, seed: int, patients: int) -> Smears:
     """(normalised images, labels, cell boxes) of n synthetic smears."""
     table = synth.generate(n, size=size, seed=seed, patients_per_class=patients)
     raw = np.stack([decode_image(b, size) for b in table.column("image").to_pylist()])
@@ -59,7 +63,7 @@ def _smears(n: int, size: int, seed: int, patients: int) -> tuple[torch.Tensor, 
 
 
 @pytest.fixture(scope="module")
-def held_out() -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+def held_out() -> Smears:
     """48 smears from other patients (another seed) than the training ones."""
     return _smears(48, SIZE, seed=99, patients=4)
 
@@ -131,6 +135,14 @@ def test_unknown_method_and_option_are_named() -> None:
         explain(model, images, method="integrated_gradients", n_step=4)
 
 
+def test_lime_is_reproducible_for_a_seed() -> None:
+    torch.manual_seed(2)
+    model, images = build_model("smallcnn"), torch.randn(1, 3, 32, 32)
+    first = explain(model, images, method="lime", n_samples=16)
+    assert np.array_equal(first, explain(model, images, method="lime", n_samples=16))
+    assert not np.array_equal(first, explain(model, images, method="lime", n_samples=16, seed=1))
+
+
 def test_explicit_targets_change_the_map() -> None:
     torch.manual_seed(1)
     model, images = build_model("smallcnn"), torch.randn(1, 3, 32, 32)
@@ -178,7 +190,7 @@ def test_superpixels_partition_the_image() -> None:
 # --------------------------------------------------------------------------- sanity checks
 
 
-def test_trained_model_learned(trained: nn.Module, held_out) -> None:
+def test_trained_model_learned(trained: nn.Module, held_out: Smears) -> None:
     """Precondition of the checks below: the model reads the smears (chance is ~0.3)."""
     images, labels, _ = held_out
     with torch.no_grad():
@@ -187,7 +199,9 @@ def test_trained_model_learned(trained: nn.Module, held_out) -> None:
 
 
 @pytest.mark.parametrize("method", ["saliency", "gradcam"])
-def test_model_randomisation_changes_the_explanation(method: str, trained: nn.Module, held_out) -> None:
+def test_model_randomisation_changes_the_explanation(
+    method: str, trained: nn.Module, held_out: Smears
+) -> None:
     """Adebayo et al. 2018: re-initialised weights must give different maps (rank corr < 0.5).
 
     A random net's Grad-CAM for a fixed class is often all zero (the ReLU cuts it), where rank
@@ -206,7 +220,7 @@ def test_model_randomisation_changes_the_explanation(method: str, trained: nn.Mo
     assert np.array_equal(ours, again)
 
 
-def test_gradcam_mass_lies_on_the_white_cell(trained: nn.Module, held_out) -> None:
+def test_gradcam_mass_lies_on_the_white_cell(trained: nn.Module, held_out: Smears) -> None:
     """Heat fraction inside the main cell's box (grown 10% per side) over the box's area fraction.
 
     Measured 2.26 on average for this model (2.5 with the exact box) against 0.97 for a
@@ -261,6 +275,9 @@ def test_load_model_reads_a_run_folder(run_dir, tmp_path) -> None:
     empty.mkdir()
     with pytest.raises(ValueError, match="empty"):
         load_model(empty)
+    (run / "model.safetensors").unlink()
+    with pytest.raises(ValueError, match="no weights"):
+        load_model(run)
 
 
 def test_explain_files_writes_overlays_and_a_sheet(run_dir, tmp_path) -> None:

@@ -61,3 +61,20 @@ def test_straggler_times_out_and_the_run_goes_on(ray_session, run) -> None:
     assert time.perf_counter() - start < 20
     assert {f["kind"] for f in record["failures"]} == {"timeout"}
     assert not record["counted"] or record["completed"]
+
+
+def test_budget_refusal_crosses_ray_as_a_budget_failure(ray_session, tmp_path: Path, synth_table) -> None:
+    config = tiny_config(tmp_path, **DP, **{"privacy.budget": 1e-3, "federation.rounds": 2})
+    shards = build_shards(synth_table, config.data, 2, config.seed, tmp_path / "data")
+    pool = runtime.RayPool(config, shards, tmp_path)
+    pool.wait_ready()
+    try:
+        coord = Coordinator(config, tmp_path, pool, shards, num_threads=1)
+        record = coord.run_round()
+        assert sorted((f["hospital"], f["kind"]) for f in record["failures"]) == [
+            ("hospital_a", "budget"), ("hospital_b", "budget")]
+        assert "privacy budget exhausted" in record["failures"][0]["message"]
+        assert "privacy budget spent" in record["stop_reason"] and coord.run_round() is None
+    finally:
+        for actor in pool.actors.values():
+            ray_session.kill(actor)
