@@ -54,6 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", default="test", choices=["val", "test"])
     evaluate.set_defaults(func=cmd_evaluate)
 
+    exp = sub.add_parser("explain", help="saliency / Grad-CAM / IG / LIME overlays for images")
+    exp.add_argument("source", type=Path, metavar="RUN_OR_MODEL", help="a run folder")
+    exp.add_argument("images", type=Path, nargs="+")
+    exp.add_argument("--method", default="gradcam",
+                     choices=["saliency", "gradcam", "integrated_gradients", "lime"])
+    exp.add_argument("--output", type=Path, default=Path("explanations"))
+    exp.set_defaults(func=cmd_explain)
+
     rep = sub.add_parser("report", help="HTML + Markdown report of a run, or compare several runs")
     rep.add_argument("runs", type=Path, nargs="+", metavar="RUN_DIR")
     rep.add_argument("--compare", action="store_true", help="side-by-side table and overlaid curves")
@@ -144,6 +152,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     metrics = evaluate_run(args.run, args.split)
     print(format_table({args.split: metrics}))
     print(json.dumps({"confusion_matrix": metrics["confusion_matrix"]}))
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from fedray.explain import explain_files
+
+    paths = explain_files(args.source, args.images, args.method, args.output)
+    print(f"wrote {len(paths) - 1} overlays and {paths[-1]}")
     return 0
 
 

@@ -334,20 +334,20 @@ def _normalise(maps: np.ndarray) -> np.ndarray:
     return np.where(span > 0, (maps - lo) / np.where(span > 0, span, 1.0), 0.0).astype(np.float32)
 
 
-def _targets(
-    model: nn.Module, inputs: Tensor, targets: Tensor | Sequence[int] | int | None
-) -> Tensor:
-    """Class indices (N,) on the inputs' device: given ones broadcast, or the predicted class."""
-    n = inputs.shape[0]
-    if targets is None:
-        with torch.no_grad():
-            return model(inputs).argmax(dim=1)
-    t = torch.as_tensor(targets, dtype=torch.long, device=inputs.device).reshape(-1)
+def _given_targets(targets: Tensor | Sequence[int] | int, n: int, device: torch.device) -> Tensor:
+    """Class indices (N,) on `device`; a single index applies to every image."""
+    t = torch.as_tensor(targets, dtype=torch.long, device=device).reshape(-1)
     if t.numel() == 1:
         t = t.expand(n)
     if t.numel() != n:
         raise ExplainError(f"got {t.numel()} targets for {n} images")
     return t
+
+
+def _predicted(model: nn.Module, inputs: Tensor) -> Tensor:
+    """The model's top class per image (the default target: explain what it decided)."""
+    with torch.no_grad():
+        return model(inputs).argmax(dim=1)
 
 
 def explain(
@@ -379,12 +379,13 @@ def explain(
     if method == "gradcam":
         options = {**options, "layer": resolve_target_layer(model, target_layer, backbone)}
     x = images.detach().to(_device(model), torch.float32).clone()
+    given = None if targets is None else _given_targets(targets, x.shape[0], x.device)
+    chunks = []
     with _explaining(model):
-        t = _targets(model, x, targets)
-        chunks = [
-            fn(model, x[i : i + batch_size], t[i : i + batch_size], **options).detach()
-            for i in range(0, x.shape[0], batch_size)
-        ]
+        for i in range(0, x.shape[0], batch_size):
+            chunk = x[i : i + batch_size]
+            t = _predicted(model, chunk) if given is None else given[i : i + batch_size]
+            chunks.append(fn(model, chunk, t, **options).detach())
     if not chunks:
         return np.zeros((0, *x.shape[-2:]), np.float32)
     raw = torch.cat(chunks).float().cpu().numpy()

@@ -143,6 +143,15 @@ def test_lime_is_reproducible_for_a_seed() -> None:
     assert not np.array_equal(first, explain(model, images, method="lime", n_samples=16, seed=1))
 
 
+def test_chunking_does_not_change_the_maps() -> None:
+    """Eval mode makes each image's map independent of its batch mates."""
+    torch.manual_seed(3)
+    model, images = build_model("smallcnn"), torch.randn(3, 3, 32, 32)
+    whole = explain(model, images, method="gradcam", backbone="smallcnn")
+    one_by_one = explain(model, images, method="gradcam", backbone="smallcnn", batch_size=1)
+    np.testing.assert_allclose(whole, one_by_one, atol=1e-5)
+
+
 def test_explicit_targets_change_the_map() -> None:
     torch.manual_seed(1)
     model, images = build_model("smallcnn"), torch.randn(1, 3, 32, 32)
