@@ -78,13 +78,19 @@ def round_dir(checkpoints: Path, round_number: int) -> Path:
 
 
 def save_round(checkpoints: Path, round_number: int, weights: dict[str, np.ndarray],
-               state: dict[str, Any], keep: int = 2, protect: int | None = None) -> Path:
-    """Write round N's global weights and state atomically; prune older rounds but `protect`."""
+               state: dict[str, Any], keep: int = 2, protect: int | None = None,
+               trees: dict[str, Any] | None = None) -> Path:
+    """Write round N's global weights and state atomically; prune older rounds but `protect`.
+
+    `trees` are array-holding states (a server optimizer's moments) saved with save_tree.
+    """
     final = round_dir(checkpoints, round_number)
     tmp = checkpoints / f".tmp_{final.name}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_weights(weights, tmp / "global.safetensors")
+    for name, tree in (trees or {}).items():
+        save_tree(tree, tmp / name)
     (tmp / "state.json").write_text(json.dumps(state, indent=1))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -108,3 +114,7 @@ def completed_rounds(checkpoints: Path) -> list[int]:
 def load_round(checkpoints: Path, round_number: int) -> tuple[OrderedDict, dict[str, Any]]:
     folder = round_dir(checkpoints, round_number)
     return load_weights(folder / "global.safetensors"), json.loads((folder / "state.json").read_text())
+
+
+def load_round_tree(checkpoints: Path, round_number: int, name: str) -> Any:
+    return load_tree(round_dir(checkpoints, round_number) / name)

@@ -60,6 +60,7 @@ class HospitalClient:
         counts = self.dataset.class_counts() if t.class_weighted else None
         self.loss_fn = engine.make_loss(counts, t.label_smoothing).to(self.device)
         self.generator = torch.Generator()
+        self._norm_keys: set[str] | None = None
         loader = DataLoader(self.dataset, batch_size=t.batch_size, shuffle=True,
                             generator=self.generator, pin_memory=self.device.type == "cuda")
         settings = privacy.resolve(config, name, len(self.dataset))
@@ -84,7 +85,11 @@ class HospitalClient:
         start = time.perf_counter()
         if self.private is not None:
             self.private.check_budget(self.name, ins.local_epochs)
-        self.model.load_state_dict(to_torch(weights))
+        self._load_global(weights, ins.extra.get("local_layers"))
+        proximal = None
+        if ins.extra.get("proximal_mu"):
+            anchors = [p.detach().clone() for p in self.model.parameters() if p.requires_grad]
+            proximal = (float(ins.extra["proximal_mu"]), anchors)
         for group in self.base_optimizer.param_groups:
             group["lr"] = ins.lr
         torch.manual_seed(ins.seed)
@@ -96,7 +101,7 @@ class HospitalClient:
         for _ in range(ins.local_epochs):
             stats = engine.train_one_epoch(
                 self.train_model, self.loader, self.optimizer, self.loss_fn, self.device,
-                grad_clip=grad_clip, amp=t.amp, channels_last=t.channels_last,
+                grad_clip=grad_clip, amp=t.amp, channels_last=t.channels_last, proximal=proximal,
             )
         self._save_state(ins.round)
         metrics = {"loss": stats.loss, "accuracy": stats.accuracy,
@@ -104,6 +109,18 @@ class HospitalClient:
         if self.private is not None:
             metrics.update(self.private.report())
         return FitRes(self.name, to_numpy(self.model.state_dict()), len(self.dataset), metrics)
+
+    def _load_global(self, weights: OrderedDict, local_layers: str | None) -> None:
+        """Take the global weights; with FedBN ("norm") keep this hospital's own norm layers."""
+        incoming = to_torch(weights)
+        if local_layers == "norm":
+            from fedray.strategy.fedbn import norm_parameter_names
+
+            if self._norm_keys is None:
+                self._norm_keys = norm_parameter_names(self.model)
+            own = self.model.state_dict()
+            incoming.update({k: own[k] for k in self._norm_keys if k in own})
+        self.model.load_state_dict(incoming)
 
     def save_local_model(self) -> str | None:
         """Keep this hospital's last locally trained weights (for cross-site evaluation)."""

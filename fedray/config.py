@@ -136,7 +136,19 @@ class PrivacyConfig(_Strict):
 
 
 class StrategyConfig(_Strict):
-    name: Literal["fedavg"] = "fedavg"
+    """Aggregation strategy by name; each strategy reads only its own parameters."""
+
+    name: Literal["fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedbn", "fedmedian",
+                  "fedtrimmedavg"] = "fedavg"
+    mu: float | None = Field(None, ge=0, description="FedProx proximal weight")
+    server_lr: float | None = Field(None, gt=0, description="FedAdam/FedYogi/FedAdagrad eta")
+    beta1: float | None = Field(None, ge=0, lt=1)
+    beta2: float | None = Field(None, ge=0, lt=1)
+    tau: float | None = Field(None, gt=0)
+    beta: float | None = Field(None, ge=0, lt=0.5, description="FedTrimmedAvg trim fraction")
+
+    def params(self) -> dict[str, float]:
+        return {k: v for k, v in self.model_dump(exclude={"name"}).items() if v is not None}
 
 
 class FederationConfig(_Strict):
@@ -187,6 +199,9 @@ class ExperimentConfig(_Strict):
         if self.privacy.enabled and not self.model.dp_safe:
             raise ValueError("privacy.enabled needs model.dp_safe: true (GroupNorm instead of "
                              "BatchNorm, no in-place ops); set both")
+        if self.privacy.enabled and self.federation.strategy.name == "fedprox":
+            raise ValueError("federation.strategy.name fedprox is not available with "
+                             "privacy.enabled: Opacus replaces the proximal term's gradient")
         return self
 
     def to_yaml(self) -> str:

@@ -105,7 +105,8 @@ class Coordinator:
         self.checkpoints = self.run_dir / "checkpoints"
         self.pool = pool
         fed, t = config.federation, config.training
-        self.strategy = build_strategy(fed.strategy.name, fed.min_clients, fed.fraction)
+        self.strategy = build_strategy(fed.strategy.name, fed.min_clients, fed.fraction,
+                                       **fed.strategy.params())
         self.device = engine.pick_device(config.runtime.device)
         torch.manual_seed(config.seed)
         m = config.model
@@ -114,6 +115,10 @@ class Coordinator:
                                  weights_dir=m.weights_dir).to(self.device)
         self.weights = to_numpy(self.model.state_dict())
         self.best_weights = self.weights
+        if hasattr(self.strategy, "norm_keys") and self.strategy.norm_keys is None:
+            from fedray.strategy.fedbn import norm_parameter_names
+
+            self.strategy.norm_keys = norm_parameter_names(self.model)
         size = input_size(config)
         self.eval_sets = {
             split: ShardDataset.from_parquet(shards.path(file), size, eval_preset(size))
@@ -142,8 +147,9 @@ class Coordinator:
 
     def _instructions(self, round_number: int, selected: list[str]) -> dict[str, FitIns]:
         seed = self.config.seed
+        extra = self.strategy.configure(round_number)
         return {
-            name: FitIns(round=round_number, lr=self.lr,
+            name: FitIns(round=round_number, lr=self.lr, extra=extra,
                          local_epochs=self.config.training.local_epochs,
                          seed=(seed * 1_000_003 + round_number * 1_009 + self.pool.names.index(name))
                          % 2**31)
@@ -256,14 +262,14 @@ class Coordinator:
             "best_round": self.best_round,
             "stop_reason": self.stop_reason,
             "exhausted": sorted(self.exhausted),
-            "strategy": self.strategy.state_dict(),
             "torch_rng": torch.get_rng_state().tolist(),
             "config": self.config.model_dump(mode="json"),
         }
 
     def _checkpoint(self) -> None:
         checkpoint.save_round(self.checkpoints, self.round, self.weights, self.state(),
-                              keep=self.config.checkpoint_keep, protect=self.best_round)
+                              keep=self.config.checkpoint_keep, protect=self.best_round,
+                              trees={"strategy": self.strategy.state_dict()})
 
     def resume(self) -> int:
         """Continue from the last completed round on disk; returns that round (0 if none)."""
@@ -271,6 +277,8 @@ class Coordinator:
         if not rounds:
             return 0
         weights, state = checkpoint.load_round(self.checkpoints, rounds[-1])
+        order = list(self.weights)  # safetensors does not keep the model's key order
+        weights = OrderedDict((k, weights[k]) for k in order)
         self.weights = weights
         self.round = state["round"]
         self.history = state["history"]
@@ -283,10 +291,13 @@ class Coordinator:
         self.best_round = state["best_round"]
         self.stop_reason = state["stop_reason"]
         self.exhausted = set(state.get("exhausted", []))
-        self.strategy.load_state_dict(state["strategy"])
+        self.strategy.load_state_dict(checkpoint.load_round_tree(self.checkpoints, rounds[-1], "strategy"))
         torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
-        self.best_weights = (checkpoint.load_round(self.checkpoints, self.best_round)[0]
-                             if self.best_round else weights)
+        if self.best_round:
+            best = checkpoint.load_round(self.checkpoints, self.best_round)[0]
+            self.best_weights = OrderedDict((k, best[k]) for k in order)
+        else:
+            self.best_weights = weights
         with open(self.run_dir / "metrics.jsonl", "w") as f:
             f.writelines(json.dumps(rec) + "\n" for rec in self.history)
         self.pool.restore(self.round)

@@ -80,8 +80,12 @@ def train_one_epoch(
     grad_clip: float | None = None,
     amp: bool = False,
     channels_last: bool = False,
+    proximal: tuple[float, list[torch.Tensor]] | None = None,
 ) -> EpochStats:
+    """One pass over the loader. `proximal` = (mu, anchors) adds FedProx's
+    mu/2 * ||w - w_anchor||^2 over the trainable parameters, in their order."""
     model.train()
+    params = [p for p in model.parameters() if p.requires_grad] if proximal else []
     start = time.perf_counter()
     total_loss, correct, seen = 0.0, 0, 0
     for images, labels in loader:
@@ -91,6 +95,9 @@ def train_one_epoch(
         with _autocast(device, amp):
             logits = model(images)
             loss = loss_fn(logits.float(), labels)
+        if proximal:
+            mu, anchors = proximal
+            loss = loss + 0.5 * mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchors))
         loss.backward()
         if grad_clip is not None:
             nn.utils.clip_grad_norm_(model.parameters(), grad_clip)

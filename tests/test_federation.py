@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 
 from fedray.client import HospitalClient
@@ -128,3 +129,54 @@ def test_early_stopping_and_plateau_follow_val_loss(tmp_path: Path, shard_dir: P
     coord._after_round({"loss": 0.95})
     assert "early stopping" in coord.stop_reason and coord.finished
     assert coord.run_round() is None
+
+
+@pytest.mark.parametrize("name", ["fedprox", "fedadam", "fedyogi", "fedbn", "fedmedian",
+                                  "fedtrimmedavg"])
+def test_every_strategy_runs_the_round_loop(tmp_path: Path, shard_dir: Path, name: str) -> None:
+    coord = make_coordinator(tmp_path / name, shard_dir, **{"federation.strategy.name": name,
+                                                            "federation.rounds": 2})
+    records = run_all(coord)
+    assert [r["counted"] for r in records] == [True, True]
+    assert np.isfinite(records[-1]["val"]["loss"])
+
+
+def test_fedbn_hospitals_keep_their_own_norm_layers(tmp_path: Path, shard_dir: Path) -> None:
+    coord = make_coordinator(tmp_path / "bn", shard_dir, **{"federation.strategy.name": "fedbn",
+                                                            "federation.rounds": 2})
+    run_all(coord)
+    a, b = (coord.pool.clients[n].model.state_dict() for n in ("hospital_a", "hospital_b"))
+    key = "features.0.1.running_mean"
+    assert key in coord.strategy.norm_keys and not torch.equal(a[key], b[key])
+    conv = "features.0.0.weight"  # shared layers came from the same global model this round
+    assert not torch.equal(a[conv], b[conv])  # ...then each trained locally
+
+
+def test_fedprox_keeps_hospitals_closer_to_the_global_model(tmp_path: Path, shard_dir: Path) -> None:
+    drift = {}
+    for mu in (0.0, 10.0):
+        coord = make_coordinator(tmp_path / f"mu{mu}", shard_dir, **{
+            "federation.strategy.name": "fedprox", "federation.strategy.mu": mu,
+            "training.local_epochs": 2})
+        start = {k: v.copy() for k, v in coord.weights.items()}
+        captured = []
+        original = coord.pool.fit
+        coord.pool.fit = lambda w, i, t: (lambda r: (captured.extend(r[0]), r)[1])(original(w, i, t))
+        coord.run_round()
+        drift[mu] = np.mean([np.sqrt(sum(((r.weights[k] - start[k]) ** 2).sum()
+                                         for k in start if k.endswith("weight")))
+                             for r in captured])
+    assert drift[10.0] < 0.9 * drift[0.0]
+
+
+def test_fedadam_server_state_survives_resume(tmp_path: Path, shard_dir: Path) -> None:
+    settings = {"federation.strategy.name": "fedadam", "federation.rounds": 3}
+    full = make_coordinator(tmp_path / "full", shard_dir, **settings)
+    run_all(full)
+    part = make_coordinator(tmp_path / "part", shard_dir, **settings)
+    part.run_round(), part.run_round()
+    resumed = make_coordinator(tmp_path / "part", shard_dir, **settings)
+    resumed.resume()
+    resumed.run_round()
+    for name in full.weights:
+        assert np.array_equal(full.weights[name], resumed.weights[name]), name

@@ -10,6 +10,7 @@ import yaml
 from fedray import experiment
 from fedray.cli import main as cli_main
 from fedray.config import load_config
+from fedray.data import synth
 
 from conftest import tiny_config
 
@@ -84,3 +85,11 @@ def test_cli_train_then_resume_then_evaluate(ray_session, tmp_path, capsys) -> N
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
     assert cli_main(["evaluate", str(run)]) == 0
     assert json.loads((run / "evaluation_test.json").read_text())["n"] > 0
+    assert cli_main(["report", str(run), "--explanations", "2"]) == 0
+    html = (run / "report" / "report.html").read_text()
+    assert "data:image/png;base64" in html and (run / "report" / "report.md").is_file()
+    smear = tmp_path / "smear.png"
+    smear.write_bytes(synth.generate(n=1, size=48, seed=3)["image"][0].as_py())
+    assert cli_main(["explain", str(run), str(smear), "--output", str(tmp_path / "exp")]) == 0
+    assert (tmp_path / "exp" / "smear_gradcam.png").is_file()
+    assert (tmp_path / "exp" / "contact_sheet.png").is_file()

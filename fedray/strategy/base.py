@@ -31,8 +31,21 @@ class Strategy(ABC):
     ) -> OrderedDict | None:
         """New global weights, or None when the round does not count (too few results)."""
 
+    def configure(self, round_number: int) -> dict[str, Any]:
+        """Extra instructions for every hospital this round (they travel in `FitIns.extra`).
+
+        A fresh dict on every call, so a caller may share or change it freely.
+        """
+        del round_number
+        return {}
+
     def enough(self, results: list[FitRes]) -> bool:
         return len(results) >= self.min_clients
+
+    @staticmethod
+    def ordered(results: list[FitRes]) -> list[FitRes]:
+        """Results sorted by hospital, so that sums (and so results) do not depend on arrival."""
+        return sorted(results, key=lambda r: r.hospital)
 
     def state_dict(self) -> dict[str, Any]:
         return {}
