@@ -49,6 +49,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--report", action="store_true", help="write the HTML/Markdown report at the end")
     train.set_defaults(func=cmd_train)
 
+    compare = sub.add_parser("compare", help="several strategies (+DP, +centralized) on the same shards")
+    compare.add_argument("--config", type=Path)
+    compare.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    compare.add_argument("--strategies", nargs="+", default=["fedavg"])
+    compare.add_argument("--centralized", action="store_true", help="add a Ray Train baseline")
+    compare.add_argument("--dp", action="store_true", help="add FedAvg with DP-SGD in hospitals")
+    compare.add_argument("--workers", type=int, default=2, help="Ray Train workers (centralized)")
+    compare.add_argument("--output-dir", type=Path, default=Path("runs"))
+    compare.set_defaults(func=cmd_compare)
+
     evaluate = sub.add_parser("evaluate", help="evaluate a run's model on its held-out split")
     evaluate.add_argument("run", type=Path)
     evaluate.add_argument("--split", default="test", choices=["val", "test"])
@@ -142,6 +152,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         html, _ = build_report(result.run_dir)
         print(f"report: {html}")
     print(f"outputs: {result.run_dir}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from fedray.compare import run_comparison
+    from fedray.config import load_config
+
+    config = load_config(args.config, args.overrides)
+    folder = run_comparison(config, args.strategies, centralized=args.centralized, dp=args.dp,
+                            output_dir=args.output_dir, workers=args.workers)
+    print(f"comparison: {folder / 'comparison.md'}")
     return 0
 
 

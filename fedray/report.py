@@ -763,7 +763,28 @@ def _write(out_dir: Path, stem: str, title: str, sections: list[Section]) -> tup
 
 
 REPORT_PNGS = ("curves.png", "confusion_test.png", "roc_test.png", "epsilon.png", "timing.png",
-               "explanations.png", "cross_site.png")
+               "explanations.png", "cross_site.png", "overview.png")
+OVERVIEW = ("curves.png", "confusion_test.png", "roc_test.png", "cross_site.png", "explanations.png")
+
+
+def overview(out: Path, title: str) -> Path | None:
+    """One picture of the report (curves, confusion, ROC, cross-site, explanations), for a
+    README or a slide; made from the figures the report already drew."""
+    panels = [out / name for name in OVERVIEW if (out / name).is_file()]
+    if not panels:
+        return None
+    cols = 2
+    rows = (len(panels) + cols - 1) // cols
+    fig = MplFigure(figsize=(14, 5 * rows), dpi=80)
+    for i, path in enumerate(panels):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        ax.imshow(np.asarray(Image.open(path).convert("RGB")))
+        ax.set_axis_off()
+    fig.suptitle(title, fontsize=16)
+    fig.tight_layout()
+    target = out / "overview.png"
+    fig.savefig(target)
+    return target
 
 
 # ---- entry points -------------------------------------------------------------------------------
@@ -792,6 +813,7 @@ def build_report(run_dir: Path, out_dir: Path | None = None, *,
         cross_site_section(cs, out), checks_section(leak, baseline, metrics),
     ]
     _write_json(out / "report.json", run, metrics, cs, leak, baseline)
+    overview(out, f"fedray report: {run.name}  (test accuracy {metrics['accuracy']:.3f})")
     return _write(out, "report", f"fedray report: {run.name}", sections)
 
 

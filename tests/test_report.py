@@ -108,7 +108,7 @@ def test_html_is_self_contained_with_every_section(built: tuple[Path, Path]) -> 
     for title in report.TITLES.values():
         assert f"<h2>{title}</h2>" in text, title
     sources = re.findall(r'src="([^"]*)"', text)
-    pngs = sorted(built[0].parent.glob("*.png"))
+    pngs = sorted(p for p in built[0].parent.glob("*.png") if p.name != "overview.png")
     assert len(sources) == len(pngs) >= 6
     assert all(s.startswith("data:image/png;base64,") for s in sources)
     assert "href=" not in text and "<link" not in text and "<script" not in text
@@ -119,14 +119,15 @@ def test_markdown_references_the_pngs_written_beside_it(built: tuple[Path, Path]
     for title in report.TITLES.values():
         assert f"## {title}" in md, title
     linked = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
-    assert sorted(linked) == sorted(p.name for p in built[1].parent.glob("*.png"))
+    assert sorted(linked) == sorted(p.name for p in built[1].parent.glob("*.png")
+                                    if p.name != "overview.png")
     assert "backbone | smallcnn" in md and "stop reason | completed all rounds" in md
 
 
 def test_every_png_is_a_real_picture(built: tuple[Path, Path]) -> None:
     pngs = list(built[0].parent.glob("*.png"))
     assert {"curves.png", "confusion_test.png", "roc_test.png", "timing.png",
-            "cross_site.png"} <= {p.name for p in pngs}
+            "cross_site.png", "overview.png"} <= {p.name for p in pngs}
     for png in pngs:
         with Image.open(png) as img:
             assert img.format == "PNG"

@@ -1,0 +1,112 @@
+"""The papers' comparison point: the same backbone and recipe trained on the union of the
+hospital shards, data-parallel through Ray Train (TorchTrainer, one process per worker).
+
+It sees the same images for the same number of epochs as a federated run (rounds x local
+epochs), so the gap between the two is the cost of federation, not of a different budget.
+On a real cluster `run_dir` must be storage every worker can reach.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import ConcatDataset, DataLoader
+
+from fedray import checkpoint, engine
+from fedray.client import input_size
+from fedray.config import ExperimentConfig
+from fedray.data.labels import CLASSES
+from fedray.data.shards import ShardDataset, ShardSet
+from fedray.data.transforms import eval_preset, train_preset
+from fedray.messages import to_numpy
+from fedray.metrics import classification_metrics
+from fedray.models import build_model
+
+
+def _evaluate(model: torch.nn.Module, dataset: ShardDataset, config: ExperimentConfig,
+              device: torch.device) -> dict:
+    loader = DataLoader(dataset, batch_size=config.training.eval_batch_size)
+    pred = engine.predict(model, loader, device)
+    metrics = classification_metrics(pred.labels, pred.probs, list(CLASSES))
+    metrics["loss"] = pred.loss
+    return metrics
+
+
+def train_loop(loop_config: dict) -> None:
+    """What every Ray Train worker runs: plain engine epochs over its slice of the union."""
+    import ray.train
+    import ray.train.torch
+
+    config = ExperimentConfig.model_validate(loop_config["config"])
+    torch.set_num_threads(loop_config["threads"])
+    shards = ShardSet.load(Path(loop_config["shard_root"]))
+    run_dir = Path(loop_config["run_dir"])
+    size, t, m = input_size(config), config.training, config.model
+    parts = [ShardDataset.from_parquet(shards.path(f), size, train_preset(size, config.data.augment),
+                                       expand_flips=config.data.flip_x4)
+             for _, f in sorted(shards.hospitals.items())]
+    counts = sum(p.class_counts() for p in parts)
+    loader = ray.train.torch.prepare_data_loader(
+        DataLoader(ConcatDataset(parts), batch_size=t.batch_size, shuffle=True))
+    torch.manual_seed(config.seed)
+    model = build_model(m.backbone, pretrained=m.pretrained, freeze=m.freeze, dp_safe=m.dp_safe,
+                        dropout=m.dropout, weights_dir=m.weights_dir)
+    model = ray.train.torch.prepare_model(model)
+    device = ray.train.torch.get_device()
+    optimizer = engine.make_optimizer(model, t.lr, t.weight_decay)
+    loss_fn = engine.make_loss(counts if t.class_weighted else None, t.label_smoothing).to(device)
+    rank = ray.train.get_context().get_world_rank()
+    val = ShardDataset.from_parquet(shards.path(shards.val), size, eval_preset(size)) if shards.val else None
+    plain = model.module if hasattr(model, "module") else model
+    epochs = config.federation.rounds * t.local_epochs
+    for epoch in range(1, epochs + 1):
+        if hasattr(loader.sampler, "set_epoch"):
+            loader.sampler.set_epoch(epoch)
+        stats = engine.train_one_epoch(model, loader, optimizer, loss_fn, device,
+                                       grad_clip=t.grad_clip, amp=t.amp, channels_last=t.channels_last)
+        record = {"epoch": epoch, "train_loss": stats.loss, "train_accuracy": stats.accuracy}
+        if rank == 0:
+            if val is not None:
+                v = _evaluate(plain, val, config, device)
+                record["val"] = {k: v[k] for k in ("loss", "accuracy", "balanced_accuracy", "macro_f1")}
+            with open(run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+        ray.train.report({"epoch": epoch, "train_loss": stats.loss})
+    if rank == 0:
+        final = {"rounds": epochs, "stop_reason": "completed all epochs (centralized)",
+                 "best_round": epochs}
+        if val is not None:
+            final["val"] = _evaluate(plain, val, config, device)
+        test = ShardDataset.from_parquet(shards.path(shards.test), size, eval_preset(size))
+        final["test"] = _evaluate(plain, test, config, device)
+        checkpoint.save_weights(to_numpy(plain.state_dict()), run_dir / "model.safetensors")
+        (run_dir / "metrics.json").write_text(json.dumps(final, indent=2))
+
+
+def run_centralized(config: ExperimentConfig, shards: ShardSet, run_dir: Path,
+                    workers: int = 2) -> dict:
+    """Train centrally with `workers` Ray Train workers; returns what metrics.json holds."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(config.to_yaml())
+    (run_dir / "metrics.jsonl").write_text("")
+    use_gpu = config.runtime.hospital_num_gpus > 0
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"config": config.model_dump(mode="json"), "threads": 1,
+                           "shard_root": str(shards.root.resolve()), "run_dir": str(run_dir.resolve())},
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": 1} if not use_gpu else None),
+        run_config=RunConfig(name="centralized", storage_path=str((run_dir / "ray_train").resolve())),
+    )
+    start = time.perf_counter()
+    trainer.fit()
+    final = json.loads((run_dir / "metrics.json").read_text())
+    final["seconds"] = time.perf_counter() - start
+    (run_dir / "metrics.json").write_text(json.dumps(final, indent=2))
+    return final
