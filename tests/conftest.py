@@ -51,3 +51,29 @@ def tiny_config(tmp_path: Path, **overrides: object) -> ExperimentConfig:
     }
     sets.update({k: v for k, v in overrides.items()})
     return load_config(None, [f"{k}={v}" for k, v in sets.items()])
+
+
+@pytest.fixture(scope="module")
+def shard_dir(tmp_path_factory, synth_table) -> Path:
+    """Two hospitals' shards of the tiny synthetic table, shared by a test module."""
+    from fedray.data.pipeline import build_shards
+
+    out = tmp_path_factory.mktemp("shards")
+    config = tiny_config(out)
+    build_shards(synth_table, config.data, 2, config.seed, out)
+    return out
+
+
+def local_coordinator(run_dir: Path, shard_dir: Path, **overrides: object):
+    """The round loop in this process (LocalPool): no Ray, same code path otherwise."""
+    from fedray.client import HospitalClient
+    from fedray.coordinator import Coordinator, LocalPool
+    from fedray.data.shards import ShardSet
+
+    config = tiny_config(run_dir, **overrides)
+    shards = ShardSet.load(shard_dir)
+    clients = [HospitalClient(name, shards.path(file), config, run_dir / "hospitals" / name,
+                              num_threads=1)
+               for name, file in shards.hospitals.items()]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return Coordinator(config, run_dir, LocalPool(clients), shards, num_threads=1)

@@ -6,30 +6,13 @@ import numpy as np
 import torch
 import pytest
 
-from fedray.client import HospitalClient
-from fedray.coordinator import Coordinator, LocalPool
-from fedray.data.pipeline import build_shards
+from fedray.coordinator import Coordinator
 from fedray.data.shards import ShardSet
 
-from conftest import tiny_config
+from conftest import local_coordinator
 
 
-@pytest.fixture(scope="module")
-def shard_dir(tmp_path_factory, synth_table) -> Path:
-    out = tmp_path_factory.mktemp("shards")
-    config = tiny_config(out)
-    build_shards(synth_table, config.data, 2, config.seed, out)
-    return out
-
-
-def make_coordinator(run_dir: Path, shard_dir: Path, **overrides) -> Coordinator:
-    config = tiny_config(run_dir, **overrides)
-    shards = ShardSet.load(shard_dir)
-    clients = [HospitalClient(name, shards.path(file), config, run_dir / "hospitals" / name,
-                              num_threads=1)
-               for name, file in shards.hospitals.items()]
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return Coordinator(config, run_dir, LocalPool(clients), shards, num_threads=1)
+make_coordinator = local_coordinator
 
 
 def run_all(coord: Coordinator) -> list[dict]:

@@ -10,23 +10,13 @@ from opacus.accountants import RDPAccountant
 from fedray import privacy
 from fedray.client import HospitalClient
 from fedray.config import ConfigError
-from fedray.coordinator import Coordinator, LocalPool
-from fedray.data.pipeline import build_shards
 from fedray.data.shards import ShardSet
 from fedray.messages import FitIns
 
-from conftest import tiny_config
+from conftest import local_coordinator, tiny_config
 
 DP = {"model.dp_safe": "true", "privacy.enabled": "true", "privacy.noise_multiplier": 1.0,
       "privacy.max_grad_norm": 1.0}
-
-
-@pytest.fixture(scope="module")
-def shard_dir(tmp_path_factory, synth_table) -> Path:
-    out = tmp_path_factory.mktemp("dp-shards")
-    config = tiny_config(out)
-    build_shards(synth_table, config.data, 2, config.seed, out)
-    return out
 
 
 def client(shard_dir: Path, state_dir: Path | None, **overrides) -> HospitalClient:
@@ -36,13 +26,7 @@ def client(shard_dir: Path, state_dir: Path | None, **overrides) -> HospitalClie
                           state_dir, num_threads=1)
 
 
-def coordinator(run_dir: Path, shard_dir: Path, **overrides) -> Coordinator:
-    config = tiny_config(run_dir, **overrides)
-    shards = ShardSet.load(shard_dir)
-    clients = [HospitalClient(n, shards.path(f), config, run_dir / "hospitals" / n, num_threads=1)
-               for n, f in shards.hospitals.items()]
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return Coordinator(config, run_dir, LocalPool(clients), shards, num_threads=1)
+coordinator = local_coordinator
 
 
 def test_reported_epsilon_equals_opacus_accountant(shard_dir: Path) -> None:
