@@ -59,6 +59,15 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--output-dir", type=Path, default=Path("runs"))
     compare.set_defaults(func=cmd_compare)
 
+    cv = sub.add_parser("cv", help="k-fold cross-validation (federated, + centralized baseline)")
+    cv.add_argument("--config", type=Path)
+    cv.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    cv.add_argument("--folds", type=int, default=5)
+    cv.add_argument("--centralized", action="store_true", help="add a Ray Train baseline per fold")
+    cv.add_argument("--workers", type=int, default=2, help="Ray Train workers (centralized)")
+    cv.add_argument("--output-dir", type=Path, default=Path("runs"))
+    cv.set_defaults(func=cmd_cv)
+
     evaluate = sub.add_parser("evaluate", help="evaluate a run's model on its held-out split")
     evaluate.add_argument("run", type=Path)
     evaluate.add_argument("--split", default="test", choices=["val", "test"])
@@ -163,6 +172,17 @@ def cmd_compare(args: argparse.Namespace) -> int:
     folder = run_comparison(config, args.strategies, centralized=args.centralized, dp=args.dp,
                             output_dir=args.output_dir, workers=args.workers)
     print(f"comparison: {folder / 'comparison.md'}")
+    return 0
+
+
+def cmd_cv(args: argparse.Namespace) -> int:
+    from fedray.config import load_config
+    from fedray.cv import run_cv
+
+    config = load_config(args.config, args.overrides)
+    folder = run_cv(config, folds=args.folds, centralized=args.centralized,
+                    output_dir=args.output_dir, workers=args.workers)
+    print(f"cross-validation: {folder / 'cv.md'}")
     return 0
 
 

@@ -139,13 +139,23 @@ class StrategyConfig(_Strict):
     """Aggregation strategy by name; each strategy reads only its own parameters."""
 
     name: Literal["fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedbn", "fedmedian",
-                  "fedtrimmedavg"] = "fedavg"
+                  "fedtrimmedavg", "dpfedavg"] = "fedavg"
     mu: float | None = Field(None, ge=0, description="FedProx proximal weight")
     server_lr: float | None = Field(None, gt=0, description="FedAdam/FedYogi/FedAdagrad eta")
     beta1: float | None = Field(None, ge=0, lt=1)
     beta2: float | None = Field(None, ge=0, lt=1)
     tau: float | None = Field(None, gt=0)
     beta: float | None = Field(None, ge=0, lt=0.5, description="FedTrimmedAvg trim fraction")
+    clip_norm: float | None = Field(None, gt=0, description="DP-FedAvg update clipping norm")
+    noise_multiplier: float | None = Field(None, ge=0, description="DP-FedAvg noise / clip")
+    delta: float | None = Field(None, gt=0, lt=1, description="DP-FedAvg delta")
+
+    @model_validator(mode="after")
+    def _dpfedavg_needs_its_noise(self) -> StrategyConfig:
+        if self.name == "dpfedavg" and (self.clip_norm is None or self.noise_multiplier is None):
+            raise ValueError("dpfedavg needs federation.strategy.clip_norm and "
+                             "federation.strategy.noise_multiplier")
+        return self
 
     def params(self) -> dict[str, float]:
         return {k: v for k, v in self.model_dump(exclude={"name"}).items() if v is not None}
@@ -180,6 +190,15 @@ class RuntimeConfig(_Strict):
     max_restarts: int = Field(1, ge=0)
     restart_wait_s: float = Field(120.0, ge=0, description="wait for a restarting hospital")
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    hospital_resources: dict[str, dict[str, float]] = Field(
+        default_factory=dict,
+        description="per hospital, custom Ray resources its actor requires, e.g. "
+                    "{hospital_a: {hospital_a: 1}} pins it to the node started with "
+                    "--resources '{\"hospital_a\": 1}'")
+    pin_hospitals_to_nodes: bool = Field(
+        False, description="hospital X requires custom resource X: 0.001 (its site's node)")
+    start_timeout_s: float = Field(
+        600.0, gt=0, description="a hospital not started by then is a StartupError")
 
 
 class ExperimentConfig(_Strict):
@@ -199,6 +218,9 @@ class ExperimentConfig(_Strict):
         if self.privacy.enabled and not self.model.dp_safe:
             raise ValueError("privacy.enabled needs model.dp_safe: true (GroupNorm instead of "
                              "BatchNorm, no in-place ops); set both")
+        if self.federation.strategy.name == "dpfedavg" and not self.model.dp_safe:
+            raise ValueError("federation.strategy.name dpfedavg needs model.dp_safe: true "
+                             "(noised BatchNorm running variances turn negative)")
         if self.privacy.enabled and self.federation.strategy.name == "fedprox":
             raise ValueError("federation.strategy.name fedprox is not available with "
                              "privacy.enabled: Opacus replaces the proximal term's gradient")

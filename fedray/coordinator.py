@@ -115,6 +115,9 @@ class Coordinator:
                                  weights_dir=m.weights_dir).to(self.device)
         self.weights = to_numpy(self.model.state_dict())
         self.best_weights = self.weights
+        if getattr(self.strategy, "total_hospitals", 0) is None:  # DP-FedAvg's sampling rate
+            self.strategy.total_hospitals = len(self.pool.names)
+            self.strategy.seed = config.seed
         if hasattr(self.strategy, "norm_keys") and self.strategy.norm_keys is None:
             from fedray.strategy.fedbn import norm_parameter_names
 
@@ -181,6 +184,11 @@ class Coordinator:
         timings["evaluate_s"] = time.perf_counter() - start
         self.round = r
         record = self._record(r, selected, results, failures, counted, val, timings)
+        if counted and hasattr(self.strategy, "last_round_report"):
+            report = self.strategy.last_round_report()
+            if report.get("epsilon") == float("inf"):
+                report["epsilon"] = None  # no noise: no guarantee; JSON has no infinity
+            record["server_dp"] = report
         self._after_round(val)
         if self.stop_reason is None:
             self._check_budgets()

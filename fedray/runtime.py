@@ -8,7 +8,7 @@ import math
 import os
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import ray
@@ -44,11 +44,29 @@ def init_ray(runtime: RuntimeConfig) -> None:
 
 @dataclass(frozen=True)
 class Placement:
-    """Resources of one hospital actor and the torch threads that match its CPU share."""
+    """Resources of one hospital actor and the torch threads that match its CPU share.
+
+    `resources` are the custom Ray resources that pin it to a node (empty: not pinned, the
+    actor is spread across the nodes).
+    """
 
     num_cpus: float
     num_gpus: float
     threads: int
+    resources: dict[str, float] = field(default_factory=dict)
+
+    def demand(self) -> dict[str, float]:
+        """Everything the actor asks of one node, as Ray names it."""
+        need = {"CPU": self.num_cpus, "GPU": self.num_gpus, **self.resources}
+        return {k: v for k, v in need.items() if v > 0}
+
+    def options(self) -> dict:
+        """Ray actor options: pinned actors go where their resources are, the others SPREAD."""
+        if self.resources:
+            return {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus,
+                    "resources": dict(self.resources)}
+        return {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus,
+                "scheduling_strategy": "SPREAD"}
 
 
 def hospital_placement(runtime: RuntimeConfig, hospitals: int, cluster_cpus: float) -> Placement:
@@ -56,6 +74,124 @@ def hospital_placement(runtime: RuntimeConfig, hospitals: int, cluster_cpus: flo
     cpus = runtime.hospital_num_cpus or max(cluster_cpus / hospitals, 0.01)
     return Placement(num_cpus=cpus, num_gpus=runtime.hospital_num_gpus,
                      threads=max(1, math.floor(cpus)))
+
+
+# A pinned hospital asks its site for this much of the site's resource, so that several
+# hospitals (or a hospital and its restart) can share one site node.
+PIN_AMOUNT = 0.001
+_RAY_OWN = {"CPU", "GPU", "memory", "object_store_memory"}
+
+
+def _custom(resources: dict[str, float]) -> dict[str, float]:
+    """The custom resources among what a node advertises (not CPU, memory, node:<ip>...)."""
+    return {k: v for k, v in resources.items()
+            if k not in _RAY_OWN and not k.startswith(("node:", "accelerator_type:"))}
+
+
+def hospital_resources(runtime: RuntimeConfig, names: list[str]) -> dict[str, dict[str, float]]:
+    """The custom resources each hospital's actor requires; {} for a hospital not pinned.
+
+    `pin_hospitals_to_nodes` asks hospital X for X: PIN_AMOUNT; `hospital_resources` sets a
+    hospital's requirements explicitly (and wins over the pin).
+    """
+    unknown = sorted(set(runtime.hospital_resources) - set(names))
+    if unknown:
+        raise StartupError(f"runtime.hospital_resources names {', '.join(unknown)}, which "
+                           f"is not a hospital of this run ({', '.join(names)})")
+    required = {name: ({name: PIN_AMOUNT} if runtime.pin_hospitals_to_nodes else {})
+                for name in names}
+    for name, resources in runtime.hospital_resources.items():
+        bad = sorted(k for k in resources if k in _RAY_OWN or k.startswith("node:"))
+        if bad:
+            raise StartupError(f"runtime.hospital_resources.{name}: {', '.join(bad)} is not a "
+                               "custom resource (use runtime.hospital_num_cpus/_gpus)")
+        negative = sorted(k for k, v in resources.items() if not v > 0)
+        if negative:
+            raise StartupError(f"runtime.hospital_resources.{name}: the amount of "
+                               f"{', '.join(negative)} must be > 0")
+        required[name] = dict(resources)
+    return required
+
+
+def hospital_placements(runtime: RuntimeConfig, names: list[str],
+                        nodes: list[dict[str, float]]) -> dict[str, Placement]:
+    """Each hospital's placement, from the resources of the cluster's live nodes.
+
+    Unpinned hospitals share the cluster's CPUs evenly (`hospital_placement`). A pinned
+    hospital with no `runtime.hospital_num_cpus` shares the CPUs of its site instead: the
+    largest node advertising its resources, divided among the hospitals pinned like it.
+    """
+    required = hospital_resources(runtime, names)
+    cpus_per_node = [n["CPU"] for n in nodes if "CPU" in n]
+    even = hospital_placement(runtime, len(names),
+                              sum(cpus_per_node) if cpus_per_node else float(os.cpu_count() or 1))
+    placements = {}
+    for name in names:
+        need = required[name]
+        if not need:
+            placements[name] = even
+            continue
+        cpus = runtime.hospital_num_cpus
+        if cpus is None:
+            site_cpus = max((n.get("CPU", 0.0) for n in nodes
+                             if all(n.get(k, 0.0) >= v for k, v in need.items())), default=0.0)
+            sharing = sum(1 for other in names if set(required[other]) == set(need))
+            cpus = max(site_cpus / sharing, 0.01) if site_cpus else even.num_cpus
+        placements[name] = Placement(num_cpus=cpus, num_gpus=runtime.hospital_num_gpus,
+                                     threads=max(1, math.floor(cpus)), resources=need)
+    return placements
+
+
+def _fmt(resources: dict[str, float]) -> str:
+    return "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(resources.items())) + "}"
+
+
+def unplaceable(demands: dict[str, dict[str, float]],
+                nodes: list[dict[str, float]]) -> dict[str, str]:
+    """Hospitals no live node could ever host, each with the reason (empty: all fit).
+
+    `demands` is what each hospital's actor asks of one node (Placement.demand()), `nodes`
+    the total resources of each live node. Pure, so it is tested without Ray.
+    """
+    advertised = sorted({k for n in nodes for k in _custom(n)})
+    offered = ", ".join(advertised) if advertised else "none"
+    problems = {}
+    for name, demand in sorted(demands.items()):
+        if any(all(n.get(k, 0.0) >= v for k, v in demand.items()) for n in nodes):
+            continue
+        missing = sorted(k for k in _custom(demand) if not any(k in n for n in nodes))
+        if missing:
+            problems[name] = (
+                f"hospital {name} requires the custom resource {', '.join(missing)}, which no "
+                f"node of the cluster advertises (custom resources advertised: {offered}); "
+                "start the hospital's node with --resources '{\"" + missing[0] + "\": 1}' "
+                "or fix runtime.hospital_resources / pin_hospitals_to_nodes")
+            continue
+        custom = _custom(demand)
+        sites = [n for n in nodes if all(n.get(k, 0.0) >= v for k, v in custom.items())]
+        if not sites:
+            problems[name] = (f"hospital {name} requires {_fmt(custom)} on one node, but no "
+                              f"single node advertises all of it (custom resources advertised: "
+                              f"{offered})")
+            continue
+        largest = max(sites, key=lambda n: (n.get("CPU", 0.0), n.get("GPU", 0.0)))
+        have = {k: largest.get(k, 0.0) for k in demand}
+        problems[name] = (f"hospital {name} asks one node for {_fmt(demand)}, but the largest "
+                          f"node that could host it has {_fmt(have)}; lower "
+                          "runtime.hospital_num_cpus / hospital_num_gpus")
+    return problems
+
+
+def live_nodes() -> list[dict[str, float]]:
+    """Total resources of each live node of the connected cluster."""
+    return [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
+
+
+class HospitalActor(HospitalClient):
+    """A hospital as a Ray actor: the same class, and `info` also says which node it is on."""
+
+    def info(self) -> dict:
+        return {**super().info(), "node_id": ray.get_runtime_context().get_node_id()}
 
 
 class RayPool:
@@ -67,29 +203,56 @@ class RayPool:
 
     def __init__(self, config: ExperimentConfig, shards: ShardSet, run_dir: Path) -> None:
         rt = config.runtime
-        placement = hospital_placement(rt, len(shards.hospitals),
-                                       ray.cluster_resources().get("CPU", os.cpu_count()))
-        remote = ray.remote(HospitalClient)
         self.names = sorted(shards.hospitals)
+        nodes = live_nodes()
+        self.placements = hospital_placements(rt, self.names, nodes)
+        problems = unplaceable({n: p.demand() for n, p in self.placements.items()}, nodes)
+        if problems:
+            raise StartupError("hospitals that no node of the cluster can host:\n  "
+                               + "\n  ".join(problems.values()))
+        remote = ray.remote(HospitalActor)
         self.actors = {
             name: remote.options(
-                name=None, num_cpus=placement.num_cpus, num_gpus=placement.num_gpus,
-                max_restarts=rt.max_restarts, max_task_retries=0,
+                name=None, max_restarts=rt.max_restarts, max_task_retries=0,
+                **self.placements[name].options(),
             ).remote(name, str(shards.path(shards.hospitals[name])), config,
-                     str(run_dir / "hospitals" / name), placement.threads)
+                     str(run_dir / "hospitals" / name), self.placements[name].threads)
             for name in self.names
         }
         self.info: dict[str, dict] = {}
         self.timings: dict[str, float] = {}
         self.restart_wait_s = rt.restart_wait_s
+        self.start_timeout_s = rt.start_timeout_s
 
     def wait_ready(self) -> dict[str, dict]:
-        """Block until every hospital has loaded its shard; name the first that could not."""
-        for name, actor in self.actors.items():
-            try:
-                self.info[name] = ray.get(actor.info.remote())
-            except (RayActorError, RayTaskError) as exc:
-                raise StartupError(f"hospital {name} failed to start:\n{exc}") from exc
+        """Block until every hospital has loaded its shard; name the first that could not.
+
+        A hospital still not started after `runtime.start_timeout_s` (no free node with its
+        resources, or still loading) is a StartupError too. On a StartupError the pool's
+        actors are killed, so none is left waiting for a node.
+        """
+        deadline = time.monotonic() + self.start_timeout_s
+        pending = {name: actor.info.remote() for name, actor in self.actors.items()}
+        try:
+            for name, ref in pending.items():
+                try:
+                    self.info[name] = ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
+                except (RayActorError, RayTaskError) as exc:
+                    raise StartupError(f"hospital {name} failed to start:\n{exc}") from exc
+                except GetTimeoutError:
+                    late = [n for n, r in pending.items() if n not in self.info
+                            and not ray.wait([r], timeout=0)[0]] or [name]
+                    raise StartupError(
+                        f"hospital{'s' if len(late) > 1 else ''} {', '.join(late)} did not start "
+                        f"within runtime.start_timeout_s={self.start_timeout_s:g}s; "
+                        + "; ".join(f"{n} asks one node for "
+                                    f"{_fmt(self.placements[n].demand())}" for n in late)
+                        + " (no node with those resources free, or still loading its shard)"
+                    ) from None
+        except StartupError:
+            for actor in self.actors.values():
+                ray.kill(actor, no_restart=True)
+            raise
         return self.info
 
     def _reachable(self, names: list[str], wait_s: float) -> tuple[list[str], list[Failure]]:

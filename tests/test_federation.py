@@ -163,3 +163,14 @@ def test_fedadam_server_state_survives_resume(tmp_path: Path, shard_dir: Path) -
     resumed.run_round()
     for name in full.weights:
         assert np.array_equal(full.weights[name], resumed.weights[name]), name
+
+
+def test_client_level_dp_records_a_growing_server_epsilon(tmp_path: Path, shard_dir: Path) -> None:
+    coord = make_coordinator(tmp_path / "cdp", shard_dir, **{
+        "federation.strategy.name": "dpfedavg", "federation.strategy.clip_norm": 1.0,
+        "federation.strategy.noise_multiplier": 0.05, "federation.rounds": 2,
+        "model.dp_safe": "true"})
+    first, second = coord.run_round(), coord.run_round()
+    assert coord.strategy.total_hospitals == 2
+    assert 0 < first["server_dp"]["epsilon"] < second["server_dp"]["epsilon"]
+    assert first["server_dp"]["aggregated"] == 2

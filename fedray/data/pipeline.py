@@ -132,17 +132,42 @@ def _local_val_shards(val: pa.Table, train: pa.Table, owner: np.ndarray, config:
     return files
 
 
-def build_shards(table: pa.Table, config: DataConfig, hospitals: int, seed: int, out_dir: Path) -> ShardSet:
-    """Split, partition and write one Parquet shard per hospital plus val/test shards."""
+def _check_given_splits(table: pa.Table, splits: np.ndarray) -> np.ndarray:
+    splits = np.asarray(splits, dtype=object)
+    if splits.shape != (table.num_rows,):
+        raise DataPrepError(f"splits has shape {splits.shape}, expected ({table.num_rows},): "
+                            f"one of 'train'/'val'/'test' per row")
+    bad = set(splits.tolist()) - {"train", "val", "test"}
+    if bad:
+        raise DataPrepError(f"splits holds {sorted(map(str, bad))}; "
+                            f"only 'train', 'val', 'test' allowed")
+    if not (splits == "test").any() or not (splits == "train").any():
+        raise DataPrepError("splits must put at least one row in 'train' and one in 'test'")
+    return splits
+
+
+def build_shards(table: pa.Table, config: DataConfig, hospitals: int, seed: int, out_dir: Path,
+                 splits: np.ndarray | None = None) -> ShardSet:
+    """Split, partition and write one Parquet shard per hospital plus val/test shards.
+
+    `splits` (one 'train'/'val'/'test' per row of `table`, e.g. from
+    `split.assign_fold_splits`) replaces the configured split; partitioning is unchanged.
+    """
     table = _ensure_group(table)
     unknown = set(table.column("label").to_pylist()) - set(CLASSES)
     if unknown:
         raise DataPrepError(f"labels {sorted(unknown)} are not among {list(CLASSES)}")
     sp = config.split
-    splits = assign_splits(table, val=sp.val, test=sp.test, seed=seed, group_aware=sp.group_aware)
+    if splits is None:
+        splits = assign_splits(table, val=sp.val, test=sp.test, seed=seed,
+                               group_aware=sp.group_aware)
+        origin = "internal error"
+    else:
+        splits = _check_given_splits(table, splits)
+        origin = "given splits"
     leaks = check_disjoint(table, splits)
     if leaks.get("sha256", 0):
-        raise DataPrepError(f"internal error: {leaks['sha256']} duplicate images span splits")
+        raise DataPrepError(f"{origin}: {leaks['sha256']} duplicate images span splits")
     split_col = pa.array(splits.astype(str))
     parts = {name: table.filter(pc.equal(split_col, name)) for name in ("train", "val", "test")}
     train = parts["train"]

@@ -6,6 +6,7 @@ import inspect
 from typing import Any
 
 from fedray.strategy.base import Strategy
+from fedray.strategy.dpfedavg import DPFedAvg
 from fedray.strategy.fedadagrad import FedAdagrad
 from fedray.strategy.fedadam import FedAdam
 from fedray.strategy.fedavg import FedAvg
@@ -25,6 +26,7 @@ STRATEGIES: dict[str, type[Strategy]] = {
     "fedbn": FedBN,
     "fedmedian": FedMedian,
     "fedtrimmedavg": FedTrimmedAvg,
+    "dpfedavg": DPFedAvg,
 }
 
 
@@ -46,5 +48,6 @@ def build_strategy(name: str, min_clients: int, fraction: float, **params: Any) 
     return STRATEGIES[name](min_clients=min_clients, fraction=fraction, **params)
 
 
-__all__ = ["STRATEGIES", "FedAdagrad", "FedAdam", "FedAvg", "FedBN", "FedMedian", "FedOpt",
-           "FedProx", "FedTrimmedAvg", "FedYogi", "Strategy", "build_strategy", "strategy_params"]
+__all__ = ["STRATEGIES", "DPFedAvg", "FedAdagrad", "FedAdam", "FedAvg", "FedBN", "FedMedian",
+           "FedOpt", "FedProx", "FedTrimmedAvg", "FedYogi", "Strategy", "build_strategy",
+           "strategy_params"]
