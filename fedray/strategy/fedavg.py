@@ -16,5 +16,4 @@ class FedAvg(Strategy):
         del round_number, current, failures
         if not self.enough(results):
             return None
-        ordered = sorted(results, key=lambda r: r.hospital)
-        return weighted_average([(r.weights, r.num_samples) for r in ordered])
+        return weighted_average([(r.weights, r.num_samples) for r in self.ordered(results)])
