@@ -35,37 +35,41 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     inspect.set_defaults(func=cmd_data_inspect)
 
 
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="experiment YAML (default: built-in defaults)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field, e.g. --set federation.rounds=3")
+
+
+def _add_baseline_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--centralized", action="store_true", help="add a Ray Train baseline")
+    parser.add_argument("--workers", type=int, default=2, help="Ray Train workers (centralized)")
+    parser.add_argument("--output-dir", type=Path, default=Path("runs"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedray", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_data(sub)
 
     train = sub.add_parser("train", help="run a federated training")
-    train.add_argument("--config", type=Path, help="experiment YAML (default: built-in defaults)")
-    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a config field, e.g. --set federation.rounds=3")
+    _add_config_args(train)
     train.add_argument("--output-dir", type=Path, help="parent folder of the run folder")
     train.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a stopped run")
     train.add_argument("--report", action="store_true", help="write the HTML/Markdown report at the end")
     train.set_defaults(func=cmd_train)
 
     compare = sub.add_parser("compare", help="several strategies (+DP, +centralized) on the same shards")
-    compare.add_argument("--config", type=Path)
-    compare.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    _add_config_args(compare)
     compare.add_argument("--strategies", nargs="+", default=["fedavg"])
-    compare.add_argument("--centralized", action="store_true", help="add a Ray Train baseline")
     compare.add_argument("--dp", action="store_true", help="add FedAvg with DP-SGD in hospitals")
-    compare.add_argument("--workers", type=int, default=2, help="Ray Train workers (centralized)")
-    compare.add_argument("--output-dir", type=Path, default=Path("runs"))
+    _add_baseline_args(compare)
     compare.set_defaults(func=cmd_compare)
 
     cv = sub.add_parser("cv", help="k-fold cross-validation (federated, + centralized baseline)")
-    cv.add_argument("--config", type=Path)
-    cv.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    _add_config_args(cv)
     cv.add_argument("--folds", type=int, default=5)
-    cv.add_argument("--centralized", action="store_true", help="add a Ray Train baseline per fold")
-    cv.add_argument("--workers", type=int, default=2, help="Ray Train workers (centralized)")
-    cv.add_argument("--output-dir", type=Path, default=Path("runs"))
+    _add_baseline_args(cv)
     cv.set_defaults(func=cmd_cv)
 
     evaluate = sub.add_parser("evaluate", help="evaluate a run's model on its held-out split")

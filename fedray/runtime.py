@@ -256,14 +256,15 @@ class RayPool:
         return self.info
 
     def _reachable(self, names: list[str], wait_s: float) -> tuple[list[str], list[Failure]]:
-        """Hospitals that answer a ping; one Ray is still restarting gets up to `wait_s`."""
+        """Hospitals that answer a ping (all pinged at once); one that Ray is still restarting
+        gets up to `wait_s`."""
         deadline = time.monotonic() + wait_s
+        pings = {name: self.actors[name].info.remote() for name in names}
         alive, failures = [], []
         for name in names:
             while True:
                 try:
-                    ray.get(self.actors[name].info.remote(),
-                            timeout=max(0.1, deadline - time.monotonic()))
+                    ray.get(pings[name], timeout=max(0.1, deadline - time.monotonic()))
                     alive.append(name)
                     break
                 except ActorUnavailableError:
@@ -272,6 +273,7 @@ class RayPool:
                                                 f"hospital {name} still restarting after {wait_s:.0f}s"))
                         break
                     time.sleep(0.2)
+                    pings[name] = self.actors[name].info.remote()
                 except (RayActorError, GetTimeoutError) as exc:
                     failures.append(Failure(name, "died", f"hospital {name} is gone: {exc}"))
                     break
