@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from pathlib import Path
 
 USER_ERRORS: tuple[type[Exception], ...] = (ValueError, FileNotFoundError)
+
+# Modules that add their own subcommand with `add_cli(subparsers)`; they import heavy
+# libraries (Ray Tune, Serve, the job client) inside their command functions, not at import.
+COMMAND_MODULES: tuple[str, ...] = (
+)
 
 
 def _add_data(sub: argparse._SubParsersAction) -> None:
@@ -94,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     backbones = sub.add_parser("backbones", help="list the backbone registry")
     backbones.set_defaults(func=cmd_backbones)
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).add_cli(sub)
     return parser
 
 
