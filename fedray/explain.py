@@ -509,9 +509,21 @@ def _load_run(source: Path) -> LoadedModel:
                        classes=CLASSES, source=source)
 
 
-# (what it is, recogniser, loader): load_model tries them in order. Exported model packages
-# get their own entry here, ahead of or after the run folder.
+def _is_package(source: Path) -> bool:
+    from fedray.package import is_package
+
+    return is_package(source)
+
+
+def _load_package(source: Path) -> LoadedModel:
+    from fedray.package import load_package
+
+    return load_package(source).explainable()
+
+
+# (what it is, recogniser, loader): load_model tries them in order.
 MODEL_SOURCES: list[tuple[str, Callable[[Path], bool], Callable[[Path], LoadedModel]]] = [
+    ("model package (card.json + model.safetensors, see `fedray export`)", _is_package, _load_package),
     ("run folder (config.yaml + model.safetensors or round checkpoints)",
      lambda p: _find_run_dir(p) is not None, _load_run),
 ]

@@ -1,0 +1,466 @@
+"""Model packages: a run's global model as a self-contained, verifiable folder to serve or share.
+
+A package holds the weights (safetensors), the run's resolved config, a TorchScript copy for
+fast CPU inference (checked against the PyTorch model at export), and a model card (card.json
+for machines, card.md for people). card.json lists every file with its SHA-256 and carries the
+digest of its own content, so `load_package` refuses a package whose files were changed,
+removed or truncated, naming the file at fault. That is integrity, not authorship: anyone
+able to rewrite every file can re-hash them; sign the folder if that matters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+FORMAT = "fedray-model-package"
+FORMAT_VERSION = 1
+CARD = "card.json"
+WEIGHTS = "model.safetensors"
+SCRIPTED = "model.ts"
+CONFIG = "config.yaml"
+SCRIPT_TOLERANCE = 1e-4
+
+
+class PackageError(ValueError):
+    """A package (or the run it is made from) that cannot be used; the message names the file."""
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _card_digest(card: dict) -> str:
+    body = {k: v for k, v in card.items() if k != "card_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def config_hash(config: Any) -> str:
+    """Digest of the resolved config (field order and YAML formatting do not matter)."""
+    return hashlib.sha256(json.dumps(config.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+
+
+# --------------------------------------------------------------------------- the package
+
+
+@dataclass
+class ModelPackage:
+    """A loaded package: the model in eval mode and what its inputs and outputs mean."""
+
+    path: Path
+    card: dict
+    model: nn.Module
+    runtime: str
+    device: torch.device
+    _eager: nn.Module | None = field(default=None, repr=False)
+
+    @property
+    def backbone(self) -> str:
+        return self.card["model"]["backbone"]
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return tuple(self.card["model"]["classes"])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.card["input"]["image_size"])
+
+    @property
+    def mean(self) -> tuple[float, ...]:
+        return tuple(self.card["input"]["mean"])
+
+    @property
+    def std(self) -> tuple[float, ...]:
+        return tuple(self.card["input"]["std"])
+
+    @property
+    def model_hash(self) -> str:
+        return self.card["files"][WEIGHTS]["sha256"]
+
+    @property
+    def name(self) -> str:
+        return self.card["name"]
+
+    @property
+    def version(self) -> str:
+        return self.card["version"]
+
+    def preprocess(self, images: list[np.ndarray]) -> Tensor:
+        """RGB uint8 HxWx3 images -> the normalised batch the model was trained on.
+
+        Resizing is PIL bilinear to image_size x image_size, exactly as shards were decoded.
+        """
+        from PIL import Image
+
+        size = self.image_size
+        batch = np.empty((len(images), size, size, 3), dtype=np.uint8)
+        for i, image in enumerate(images):
+            if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+                raise ValueError(f"image {i}: expected an RGB uint8 HxWx3 array, got "
+                                 f"{image.dtype} {tuple(image.shape)}")
+            if image.shape[:2] != (size, size):
+                image = np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR))
+            batch[i] = image
+        x = torch.from_numpy(batch).permute(0, 3, 1, 2).float().div_(255.0)
+        mean = torch.tensor(self.mean).view(1, 3, 1, 1)
+        std = torch.tensor(self.std).view(1, 3, 1, 1)
+        return ((x - mean) / std).to(self.device)
+
+    @torch.inference_mode()
+    def predict_proba(self, batch: Tensor) -> Tensor:
+        return torch.softmax(self.model(batch.to(self.device)).float(), dim=1)
+
+    def eager_model(self) -> nn.Module:
+        """The PyTorch module (for attributions), whatever runtime serves predictions."""
+        if self._eager is None:
+            self._eager = _build_eager(self.path, self.card).to(self.device)
+        return self._eager
+
+    def explainable(self):
+        """The package as fedray.explain's LoadedModel."""
+        from fedray.explain import LoadedModel
+
+        return LoadedModel(model=self.eager_model(), backbone=self.backbone,
+                           image_size=self.image_size, classes=self.classes, source=self.path)
+
+
+def _build_eager(folder: Path, card: dict) -> nn.Module:
+    from fedray import checkpoint
+    from fedray.messages import to_torch
+    from fedray.models import build_model
+
+    m = card["model"]
+    model = build_model(m["backbone"], num_classes=len(m["classes"]), dp_safe=m["dp_safe"],
+                        dropout=m["dropout"])
+    try:
+        model.load_state_dict(to_torch(checkpoint.load_weights(folder / WEIGHTS)))
+    except Exception as exc:  # noqa: BLE001 - a wrong or corrupt file: name it
+        raise PackageError(f"{folder / WEIGHTS}: cannot load into {m['backbone']!r} ({exc})") from exc
+    return model.eval()
+
+
+# --------------------------------------------------------------------------- export
+
+
+def _source_run(source: Path) -> Path:
+    """The run folder to export: the folder itself, or the best trial a sweep's best.json names."""
+    source = Path(source).expanduser().resolve()
+    if not source.exists():
+        raise PackageError(f"{source}: no such run folder")
+    best = source / "best.json"
+    if not (source / CONFIG).is_file() and best.is_file():
+        try:
+            run_dir = Path(json.loads(best.read_text())["run_dir"])
+        except (KeyError, ValueError) as exc:
+            raise PackageError(f"{best}: no 'run_dir' of the best trial ({exc})") from exc
+        source = run_dir if run_dir.is_absolute() else source / run_dir
+    if not (source / CONFIG).is_file():
+        raise PackageError(f"{source}: not a run folder (no {CONFIG}) and no sweep best.json")
+    return source
+
+
+def _epsilons(run_dir: Path) -> dict[str, Any]:
+    """Cumulative epsilon per hospital (and the server's, for DP-FedAvg) at the end of the run."""
+    history = run_dir / "metrics.jsonl"
+    out: dict[str, Any] = {}
+    if not history.is_file():
+        return out
+    for line in history.read_text().splitlines():
+        record = json.loads(line)
+        for name, report in record.get("hospitals", {}).items():
+            if "epsilon" in report:
+                out[name] = report["epsilon"]
+        if record.get("server_dp"):
+            out["server (client-level)"] = record["server_dp"].get("epsilon")
+    return out
+
+
+def _data_summary(run_dir: Path) -> dict[str, Any]:
+    shards = run_dir / "data" / "shards.json"
+    if not shards.is_file():
+        return {"note": "shards were made outside the run folder; counts not recorded"}
+    return json.loads(shards.read_text()).get("counts", {})
+
+
+def _script(model: nn.Module, image_size: int, path: Path) -> float:
+    """Trace to TorchScript, save, reload and return the largest output difference."""
+    gen = torch.Generator().manual_seed(0)
+    example = torch.randn(2, 3, image_size, image_size, generator=gen)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated, still supported
+        traced = torch.jit.trace(model, example, check_trace=False)
+        traced.save(str(path))
+        probe = torch.randn(3, 3, image_size, image_size, generator=gen)
+        reloaded = torch.jit.load(str(path), map_location="cpu").eval()
+        diff = (reloaded(probe) - model(probe)).abs().max().item()
+    if not diff <= SCRIPT_TOLERANCE:
+        raise PackageError(f"{path}: TorchScript output differs from the PyTorch model by {diff:.2e} "
+                           f"(> {SCRIPT_TOLERANCE}); export with --format none")
+    return float(diff)
+
+
+def _counts_markdown(counts: dict, classes: list[str]) -> list[str]:
+    if "note" in counts:
+        return [counts["note"]]
+    rows = ["| | " + " | ".join(classes) + " | total |", "|---" * (len(classes) + 2) + "|"]
+    for part, per_class in counts.items():
+        values = [int(per_class.get(c, 0)) for c in classes]
+        rows.append(f"| {part} | " + " | ".join(map(str, values)) + f" | {sum(values)} |")
+    return rows
+
+
+def _card_markdown(card: dict) -> str:
+    from fedray.metrics import format_table
+
+    m, inp, tr = card["model"], card["input"], card["training"]
+    lines = [f"# {card['name']} {card['version']}", "",
+             f"Classifier of acute lymphoblastic leukemia subtypes from peripheral blood smears: "
+             f"{', '.join(m['classes'])}.", "",
+             "## Model", "",
+             f"- backbone `{m['backbone']}` (DP-safe: {m['dp_safe']}), dropout {m['dropout']}",
+             f"- input: RGB {inp['image_size']}x{inp['image_size']} px, {inp['resize']} resize, "
+             f"mean {inp['mean']}, std {inp['std']}",
+             f"- weights SHA-256 `{card['files'][WEIGHTS]['sha256']}`",
+             "", "## Training", "",
+             f"- strategy `{tr['strategy']}`, {tr['rounds']} rounds run, best round {tr['best_round']} "
+             f"({tr['stop_reason']})",
+             f"- differential privacy: {tr['privacy']}"]
+    if tr["epsilon"]:
+        lines.append("- cumulative epsilon: " + ", ".join(
+            f"{k} {('%.2f' % v) if isinstance(v, (int, float)) else v}" for k, v in tr["epsilon"].items()))
+    lines += ["", "### Images per hospital and split", "", *_counts_markdown(card["data"], m["classes"]),
+              "", "## Metrics", "", card["metrics"]["note"], "", "```",
+              format_table({k: v for k, v in card["metrics"].items() if isinstance(v, dict)}), "```",
+              "", "## Provenance", "",
+              f"- fedray {card['fedray_version']}, created {card['created']}",
+              f"- config SHA-256 `{card['config_sha256']}` ({CONFIG} in this package)",
+              f"- files: " + ", ".join(f"`{k}`" for k in card["files"]), ""]
+    return "\n".join(lines)
+
+
+def export_package(source: Path, output: Path, *, name: str | None = None,
+                   version: str | None = None,
+                   formats: tuple[str, ...] = ("torchscript",)) -> Path:
+    """Write the model package of a run (or a sweep's best trial) to `output`; return it.
+
+    The folder is written under a temporary name and renamed into place, so an interrupted
+    export never leaves a package that looks whole.
+    """
+    from fedray import __version__
+    from fedray.client import input_size
+    from fedray.config import load_config
+    from fedray.data.labels import CLASSES
+    from fedray.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+    from fedray.evaluate import run_weights
+
+    unknown = set(formats) - {"torchscript", "none"}
+    if unknown:
+        raise PackageError(f"unknown export format(s) {sorted(unknown)}: use torchscript or none")
+    run_dir = _source_run(source)
+    output = Path(output).expanduser().resolve()
+    if output.exists() and any(output.iterdir()):
+        raise PackageError(f"{output}: exists and is not empty; choose another --output")
+    config = load_config(run_dir / CONFIG)
+    try:
+        weights = run_weights(run_dir)
+    except FileNotFoundError as exc:
+        raise PackageError(str(exc)) from exc
+    metrics_path = run_dir / "metrics.json"
+    final = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+
+    tmp = output.parent / f".tmp_{output.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        shutil.copyfile(weights, tmp / WEIGHTS)
+        (tmp / CONFIG).write_text(config.to_yaml())
+        size = input_size(config)
+        m = config.model
+        card: dict[str, Any] = {
+            "format": FORMAT, "format_version": FORMAT_VERSION,
+            "name": name or config.name,
+            "version": version or time.strftime("%Y%m%d-%H%M%S"),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "fedray_version": __version__,
+            "source_run": run_dir.name,
+            "model": {"backbone": m.backbone, "classes": list(CLASSES), "dp_safe": m.dp_safe,
+                      "dropout": m.dropout, "weights_from": weights.relative_to(run_dir).as_posix()},
+            "input": {"image_size": size, "channels": "RGB", "resize": "bilinear",
+                      "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+            "training": {
+                "strategy": config.federation.strategy.name,
+                "hospitals": config.federation.hospitals,
+                "rounds": final.get("rounds"), "best_round": final.get("best_round"),
+                "stop_reason": final.get("stop_reason", "unfinished run (newest checkpoint)"),
+                "privacy": ("DP-SGD in each hospital" if config.privacy.enabled else "none")
+                + ("; client-level DP-FedAvg" if config.federation.strategy.name == "dpfedavg" else ""),
+                "epsilon": _epsilons(run_dir),
+            },
+            "data": _data_summary(run_dir),
+            "metrics": {"note": (f"best round's global model on the run's held-out splits (split "
+                                 f"before any augmentation: {config.data.split.model_dump()})")
+                        if final else "no final evaluation (unfinished run)",
+                        **{k: final[k] for k in ("val", "test") if k in final}},
+            "config_sha256": config_hash(config),
+        }
+        model = _build_eager(tmp, card)
+        if "torchscript" in formats:
+            card["torchscript"] = {"file": SCRIPTED, "max_abs_diff": _script(model, size, tmp / SCRIPTED),
+                                   "torch_version": torch.__version__}
+        card["files"] = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+                         for p in sorted(tmp.iterdir())}
+        card["card_sha256"] = _card_digest(card)
+        (tmp / CARD).write_text(json.dumps(card, indent=1))
+        (tmp / "card.md").write_text(_card_markdown(card))
+        if output.exists():
+            output.rmdir()
+        output.parent.mkdir(parents=True, exist_ok=True)
+        tmp.rename(output)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return output
+
+
+# --------------------------------------------------------------------------- load and verify
+
+
+def _localise(uri: str | Path) -> Path:
+    """A local folder for a path, file:// URI or pyarrow filesystem URI (s3://, gs://, ...)."""
+    text = str(uri)
+    if "://" not in text:
+        return Path(text).expanduser().resolve()
+    if text.startswith("file://"):
+        return Path(text[len("file://"):]).resolve()
+    import pyarrow.fs as pafs
+
+    try:
+        filesystem, root = pafs.FileSystem.from_uri(text)
+    except Exception as exc:  # noqa: BLE001 - unknown scheme, missing credentials
+        raise PackageError(f"{text}: cannot open this URI ({exc})") from exc
+    local = Path(tempfile.mkdtemp(prefix="fedray-package-"))
+    try:
+        pafs.copy_files(root, str(local), source_filesystem=filesystem,
+                        destination_filesystem=pafs.LocalFileSystem())
+    except Exception as exc:  # noqa: BLE001
+        shutil.rmtree(local, ignore_errors=True)
+        raise PackageError(f"{text}: cannot download the package ({exc})") from exc
+    return local
+
+
+def verify_package(path: str | Path) -> dict:
+    """The card of a complete, untampered package; PackageError naming the first problem."""
+    folder = _localise(path)
+    card_path = folder / CARD
+    if not folder.is_dir():
+        raise PackageError(f"{folder}: no such package folder")
+    if not card_path.is_file():
+        raise PackageError(f"{card_path}: missing; not a fedray model package")
+    try:
+        card = json.loads(card_path.read_text())
+    except ValueError as exc:
+        raise PackageError(f"{card_path}: not valid JSON ({exc})") from exc
+    if not isinstance(card, dict) or card.get("format") != FORMAT:
+        raise PackageError(f"{card_path}: not a {FORMAT} card")
+    if card.get("format_version") != FORMAT_VERSION:
+        raise PackageError(f"{card_path}: format_version {card.get('format_version')!r}; this "
+                           f"fedray reads {FORMAT_VERSION}")
+    if card.get("card_sha256") != _card_digest(card):
+        raise PackageError(f"{card_path}: its content does not match its card_sha256 (edited?)")
+    files = card.get("files") or {}
+    for required in (WEIGHTS, CONFIG):
+        if required not in files:
+            raise PackageError(f"{card_path}: lists no {required}")
+    for name, meta in files.items():
+        item = folder / name
+        if not item.is_file():
+            raise PackageError(f"{item}: missing from the package")
+        if item.stat().st_size != meta["bytes"] or sha256_file(item) != meta["sha256"]:
+            raise PackageError(f"{item}: SHA-256 differs from the card (tampered or truncated)")
+    return card
+
+
+def load_package(uri: str | Path, *, verify: bool = True, runtime: str = "pytorch",
+                 device: str = "cpu") -> ModelPackage:
+    """Load a package for inference; verification is on unless the caller opts out."""
+    if runtime not in ("pytorch", "torchscript"):
+        raise PackageError(f"runtime {runtime!r}: use 'pytorch' or 'torchscript'")
+    folder = _localise(uri)
+    if verify:
+        card = verify_package(folder)
+    else:
+        try:
+            card = json.loads((folder / CARD).read_text())
+        except (OSError, ValueError) as exc:
+            raise PackageError(f"{folder / CARD}: cannot read ({exc})") from exc
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available()
+                       else "cpu" if device == "auto" else device)
+    if runtime == "torchscript":
+        if SCRIPTED not in card.get("files", {}):
+            raise PackageError(f"{folder}: has no {SCRIPTED}; load with runtime='pytorch'")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                model = torch.jit.load(str(folder / SCRIPTED), map_location=dev).eval()
+        except Exception as exc:  # noqa: BLE001
+            raise PackageError(f"{folder / SCRIPTED}: cannot load ({exc})") from exc
+        return ModelPackage(folder, card, model, runtime, dev)
+    model = _build_eager(folder, card).to(dev)
+    return ModelPackage(folder, card, model, runtime, dev, _eager=model)
+
+
+def is_package(path: Path) -> bool:
+    return Path(path).is_dir() and (Path(path) / CARD).is_file()
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def add_cli(sub: argparse._SubParsersAction) -> None:
+    exp = sub.add_parser("export", help="a run's (or a sweep's best) model as a verifiable package")
+    exp.add_argument("source", type=Path, metavar="RUN_OR_SWEEP",
+                     help="a run folder, or a sweep folder (its best.json names the best trial)")
+    exp.add_argument("--output", type=Path, required=True, help="package folder to create")
+    exp.add_argument("--name", help="model name (default: the run's config name)")
+    exp.add_argument("--version", help="model version (default: a timestamp)")
+    exp.add_argument("--format", dest="formats", nargs="+", default=["torchscript"],
+                     choices=["torchscript", "none"], help="extra inference file(s)")
+    exp.set_defaults(func=cmd_export)
+
+    ver = sub.add_parser("verify", help="check a model package's files against its card")
+    ver.add_argument("package", help="package folder or URI")
+    ver.set_defaults(func=cmd_verify)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    formats = tuple(f for f in args.formats if f != "none")
+    folder = export_package(args.source, args.output, name=args.name, version=args.version,
+                            formats=formats)
+    card = json.loads((folder / CARD).read_text())
+    print(f"package: {folder}")
+    print(f"model {card['name']} {card['version']}  backbone {card['model']['backbone']}  "
+          f"weights sha256 {card['files'][WEIGHTS]['sha256'][:16]}...")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    card = verify_package(args.package)
+    print(f"{args.package}: OK ({len(card['files'])} files match the card; "
+          f"{card['name']} {card['version']})")
+    return 0

@@ -1,0 +1,182 @@
+"""Model packages: export round trip, card contents, and refusal of tampered or incomplete ones."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import local_coordinator
+from fedray import cli
+from fedray.config import load_config
+from fedray.data.shards import ShardSet
+from fedray.package import (
+    PackageError,
+    config_hash,
+    export_package,
+    load_package,
+    sha256_file,
+    verify_package,
+)
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, shard_dir) -> Path:
+    run_dir = tmp_path_factory.mktemp("run")
+    coordinator = local_coordinator(run_dir, shard_dir, **{"federation.rounds": 2})
+    (run_dir / "config.yaml").write_text(coordinator.config.to_yaml())
+    while coordinator.run_round() is not None:
+        pass
+    coordinator.finish()
+    # A run made by `fedray train` keeps its shards in run/data; copy the counts there.
+    (run_dir / "data").mkdir()
+    shutil.copy(shard_dir / "shards.json", run_dir / "data" / "shards.json")
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def package(tmp_path_factory, trained_run) -> Path:
+    return export_package(trained_run, tmp_path_factory.mktemp("out") / "pkg", name="smear", version="7")
+
+
+def _fresh_copy(package: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "copy"
+    shutil.copytree(package, copy)
+    return copy
+
+
+def _test_images(shard_dir: Path, n: int = 12) -> list[np.ndarray]:
+    from fedray.data.shards import decode_image
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(ShardSet.load(shard_dir).path("test.parquet")).slice(0, n)
+    return [decode_image(b, 32) for b in table.column("image").to_pylist()]
+
+
+def test_package_predicts_like_the_run_model(trained_run, package, shard_dir):
+    from fedray.explain import load_model
+
+    images = _test_images(shard_dir)
+    run_model = load_model(trained_run)  # the run folder, as evaluate/explain read it
+    pkg = load_package(package)
+    batch = pkg.preprocess(images)
+    expected = torch.softmax(run_model.model(batch), dim=1)
+    assert torch.allclose(pkg.predict_proba(batch), expected, atol=1e-6)
+    scripted = load_package(package, runtime="torchscript")
+    assert torch.allclose(scripted.predict_proba(batch), expected, atol=1e-4)
+    assert pkg.card["torchscript"]["max_abs_diff"] <= 1e-4
+
+
+def test_preprocess_matches_the_training_eval_transform(package, shard_dir):
+    from fedray.data.transforms import eval_preset
+
+    images = _test_images(shard_dir, 3)
+    pkg = load_package(package)
+    reference = torch.stack([eval_preset(32)(torch.from_numpy(im.copy()).permute(2, 0, 1)) for im in images])
+    assert torch.allclose(pkg.preprocess(images), reference, atol=1e-6)
+    big = np.kron(images[0], np.ones((3, 3, 1), dtype=np.uint8))  # 96 px: resized on the way in
+    assert pkg.preprocess([big]).shape == (1, 3, 32, 32)
+    with pytest.raises(ValueError, match="image 0"):
+        pkg.preprocess([images[0][..., 0]])
+
+
+def test_card_describes_the_run(trained_run, package):
+    card = verify_package(package)
+    final = json.loads((trained_run / "metrics.json").read_text())
+    assert card["name"] == "smear" and card["version"] == "7"
+    assert card["model"]["backbone"] == "smallcnn"
+    assert card["model"]["classes"] == ["Benign", "Early", "Pre", "Pro"]
+    assert card["input"]["image_size"] == 32
+    assert card["metrics"]["test"] == final["test"]
+    assert card["training"]["best_round"] == final["best_round"]
+    assert card["config_sha256"] == config_hash(load_config(trained_run / "config.yaml"))
+    assert set(card["data"]) >= {"hospital_a", "hospital_b", "test"}
+    assert card["files"]["model.safetensors"]["sha256"] == sha256_file(package / "model.safetensors")
+    markdown = (package / "card.md").read_text()
+    assert "| hospital_a |" in markdown and card["files"]["model.safetensors"]["sha256"] in markdown
+
+
+def test_dp_run_card_reports_epsilon(tmp_path, shard_dir):
+    run_dir = tmp_path / "dp"
+    coordinator = local_coordinator(run_dir, shard_dir, **{
+        "privacy.enabled": True, "privacy.noise_multiplier": 1.0, "model.dp_safe": True})
+    (run_dir / "config.yaml").write_text(coordinator.config.to_yaml())
+    while coordinator.run_round() is not None:
+        pass
+    coordinator.finish()
+    card = verify_package(export_package(run_dir, tmp_path / "pkg", formats=()))
+    eps = card["training"]["epsilon"]
+    assert set(eps) == {"hospital_a", "hospital_b"} and all(e > 0 for e in eps.values())
+    assert "model.ts" not in card["files"]
+
+
+@pytest.mark.parametrize("damage, culprit", [
+    ("flip_weights", "model.safetensors"),
+    ("truncate_weights", "model.safetensors"),
+    ("remove_script", "model.ts"),
+    ("edit_card", "card.json"),
+    ("remove_card", "card.json"),
+    ("edit_config", "config.yaml"),
+])
+def test_tampered_or_incomplete_package_is_refused(package, tmp_path, damage, culprit):
+    copy = _fresh_copy(package, tmp_path)
+    if damage == "flip_weights":
+        data = bytearray((copy / "model.safetensors").read_bytes())
+        data[-5] ^= 0xFF
+        (copy / "model.safetensors").write_bytes(bytes(data))
+    elif damage == "truncate_weights":
+        data = (copy / "model.safetensors").read_bytes()
+        (copy / "model.safetensors").write_bytes(data[: len(data) // 2])
+    elif damage == "remove_script":
+        (copy / "model.ts").unlink()
+    elif damage == "edit_card":
+        card = json.loads((copy / "card.json").read_text())
+        card["model"]["classes"] = ["Pro", "Pre", "Early", "Benign"]
+        (copy / "card.json").write_text(json.dumps(card))
+    elif damage == "remove_card":
+        (copy / "card.json").unlink()
+    elif damage == "edit_config":
+        with open(copy / "config.yaml", "a") as fh:
+            fh.write("# edited\n")
+    with pytest.raises(PackageError, match=culprit):
+        load_package(copy)
+    assert cli.main(["verify", str(copy)]) == 2
+
+
+def test_load_by_file_uri_and_explain_reads_packages(package):
+    from fedray.explain import load_model
+
+    pkg = load_package(f"file://{package}")
+    assert pkg.model_hash == verify_package(package)["files"]["model.safetensors"]["sha256"]
+    loaded = load_model(package)
+    assert loaded.backbone == "smallcnn" and loaded.image_size == 32
+
+
+def test_export_errors_name_what_is_wrong(trained_run, package, tmp_path):
+    with pytest.raises(PackageError, match="not empty"):
+        export_package(trained_run, package)
+    with pytest.raises(PackageError, match="not a run folder"):
+        export_package(tmp_path, tmp_path / "pkg")
+    with pytest.raises(PackageError, match="format"):
+        export_package(trained_run, tmp_path / "pkg", formats=("onnx",))
+    assert not (tmp_path / "pkg").exists()
+
+
+def test_sweep_folder_exports_its_best_trial(trained_run, tmp_path):
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    (sweep / "best.json").write_text(json.dumps({"run_dir": str(trained_run)}))
+    folder = export_package(sweep, tmp_path / "best", formats=())
+    assert verify_package(folder)["source_run"] == trained_run.name
+
+
+def test_cli_export_and_verify(trained_run, tmp_path, capsys):
+    out = tmp_path / "cli-pkg"
+    assert cli.main(["export", str(trained_run), "--output", str(out), "--format", "none"]) == 0
+    assert cli.main(["verify", str(out)]) == 0
+    assert "OK" in capsys.readouterr().out
+    assert cli.main(["export", str(tmp_path / "missing"), "--output", str(tmp_path / "x")]) == 2
