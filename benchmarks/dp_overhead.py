@@ -1,9 +1,12 @@
 """DP-SGD step time over non-private step time for the same DP-safe model.
 
-resnet18 at 64 px, batch 32, CPU threads as configured; one figure per Opacus grad-sample mode.
-Writes benchmarks/results/dp_overhead.json.
+resnet18 at 64 px, batch 32, CPU threads as configured; one figure per Opacus grad-sample mode
+(`ghost` with fedray's Conv2d ghost norms, see fedray/ghost_norms.py), for the whole model and
+for `model.freeze` (last stage + head trainable). Private and plain steps are timed in
+alternation, `--repeats` times, and the median ratio is reported, so a machine whose speed
+drifts affects both sides alike. Writes benchmarks/results/dp_overhead.json.
 
-    python benchmarks/dp_overhead.py [--backbone resnet18] [--size 64] [--batch 32] [--steps 8]
+    python benchmarks/dp_overhead.py [--backbone resnet18] [--size 64] [--batch 32] [--steps 4]
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import time
 from pathlib import Path
 
@@ -19,66 +23,87 @@ import fedray  # noqa: F401
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from fedray import engine
+from fedray import engine, privacy
 from fedray.models import build_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
+MODES = ("hooks", "functorch", "ew", "ghost")
 
 
 def step_time(model, optimizer, loader, loss_fn, steps: int) -> float:
-    """Seconds per optimizer step, after two warm-up steps."""
+    """Median seconds per optimizer step, after one warm-up step."""
     times = []
     it = iter(loader)
-    for i in range(steps + 2):
+    for i in range(steps + 1):
         x, y = next(it)
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         loss_fn(model(x), y).backward()
         optimizer.step()
-        if i >= 2:
+        if i >= 1:
             times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+    return statistics.median(times)
+
+
+def settings(mode: str) -> privacy.PrivacySettings:
+    return privacy.PrivacySettings(noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-5, budget=None,
+                                   sample_rate=0.1, accountant="rdp", poisson_sampling=False,
+                                   secure_mode=False, grad_sample_mode=mode)
+
+
+def fresh(backbone: str, freeze: bool):
+    torch.manual_seed(0)
+    model = build_model(backbone, dp_safe=True, freeze=freeze)
+    return model, engine.make_optimizer(model, 1e-3, 1e-4)
 
 
 def main() -> None:
-    from opacus import PrivacyEngine
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backbone", default="resnet18")
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--output", type=Path, default=RESULTS / "dp_overhead.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    n = args.batch * (args.steps + 2)
+    n = args.batch * (args.steps + 1)
     data = TensorDataset(torch.randn(n, 3, args.size, args.size), torch.randint(0, 4, (n,)))
     loss_fn = torch.nn.CrossEntropyLoss()
 
-    torch.manual_seed(0)
-    model = build_model(args.backbone, dp_safe=True)
-    opt = engine.make_optimizer(model, 1e-3, 1e-4)
-    plain = step_time(model, opt, DataLoader(data, batch_size=args.batch), loss_fn, args.steps)
+    def loader():
+        return DataLoader(data, batch_size=args.batch)
+
     result = {"backbone": args.backbone, "size": args.size, "batch": args.batch,
-              "threads": args.threads, "plain_step_s": plain, "modes": {}}
-    print(f"non-private step: {plain * 1000:.0f} ms")
-    for mode in ("hooks", "functorch", "ew"):
-        torch.manual_seed(0)
-        model = build_model(args.backbone, dp_safe=True)
-        opt = engine.make_optimizer(model, 1e-3, 1e-4)
-        try:
-            dp_model, dp_opt, _ = PrivacyEngine(accountant="rdp").make_private(
-                module=model, optimizer=opt, data_loader=DataLoader(data, batch_size=args.batch),
-                noise_multiplier=1.0, max_grad_norm=1.0, poisson_sampling=False,
-                grad_sample_mode=mode)
-            t = step_time(dp_model, dp_opt, DataLoader(data, batch_size=args.batch), loss_fn,
-                          args.steps)
-            result["modes"][mode] = {"step_s": t, "overhead": t / plain}
-            print(f"DP-SGD ({mode}): {t * 1000:.0f} ms, {t / plain:.2f}x")
-        except Exception as exc:  # noqa: BLE001 - a mode this model cannot use is a result
-            result["modes"][mode] = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
-            print(f"DP-SGD ({mode}): unavailable ({type(exc).__name__})")
+              "threads": args.threads, "repeats": args.repeats, "variants": {}}
+    for freeze in (False, True):
+        model, opt = fresh(args.backbone, freeze)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        for mode in args.modes:
+            key = f"{mode}{' +freeze' if freeze else ''}"
+            try:
+                dp_model, dp_opt = fresh(args.backbone, freeze)
+                private = privacy.make_private(dp_model, dp_opt, loader(), settings(mode), loss_fn)
+            except Exception as exc:  # noqa: BLE001 - a mode this model cannot use is a result
+                result["variants"][key] = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+                print(f"{key}: unavailable ({type(exc).__name__})")
+                continue
+            plains, privates = [], []
+            for _ in range(args.repeats):
+                plains.append(step_time(model, opt, loader(), loss_fn, args.steps))
+                privates.append(step_time(private.model, private.optimizer, loader(),
+                                          private.loss_fn or loss_fn, args.steps))
+            ratios = sorted(p / q for p, q in zip(privates, plains))
+            entry = {"freeze": freeze, "mode": mode, "trainable_params": trainable,
+                     "plain_step_s": statistics.median(plains),
+                     "dp_step_s": statistics.median(privates),
+                     "overhead": statistics.median(ratios), "overhead_runs": ratios}
+            result["variants"][key] = entry
+            print(f"{key:18s} plain {entry['plain_step_s'] * 1000:6.0f} ms  DP "
+                  f"{entry['dp_step_s'] * 1000:6.0f} ms  overhead {entry['overhead']:.2f}x "
+                  f"(runs {', '.join(f'{r:.2f}' for r in ratios)})", flush=True)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2))
 

@@ -68,7 +68,9 @@ class HospitalClient:
         if settings is None:
             self.train_model, self.optimizer, self.loader = self.model, self.base_optimizer, loader
         else:
-            self.private = privacy.make_private(self.model, self.base_optimizer, loader, settings)
+            self.private = privacy.make_private(self.model, self.base_optimizer, loader, settings,
+                                                self.loss_fn)
+            self.loss_fn = self.private.loss_fn or self.loss_fn
             self.train_model = self.private.model
             self.optimizer, self.loader = self.private.optimizer, self.private.loader
         # A hospital restarted after a crash picks up its own last state (optimizer moments,

@@ -20,6 +20,7 @@ from opacus.accountants.utils import create_accountant, get_noise_multiplier
 from torch import nn
 from torch.utils.data import DataLoader
 
+from fedray import ghost_norms  # noqa: F401 - registers Conv2d ghost norms with Opacus
 from fedray.config import ExperimentConfig, PrivacyConfig
 
 
@@ -118,6 +119,7 @@ class PrivateTraining:
     loader: DataLoader
     ledger: PrivacyLedger
     settings: PrivacySettings
+    loss_fn: nn.Module | None = None  # ghost clipping's two-pass loss; None: the hospital's own
 
     def steps_per_round(self, local_epochs: int) -> int:
         return local_epochs * len(self.loader)
@@ -139,8 +141,12 @@ class PrivateTraining:
 
 
 def make_private(module: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader,
-                 settings: PrivacySettings) -> PrivateTraining:
-    """Wrap model, optimizer and loader once; the ledger is the engine's accountant."""
+                 settings: PrivacySettings, loss_fn: nn.Module | None = None) -> PrivateTraining:
+    """Wrap model, optimizer and loader once; the ledger is the engine's accountant.
+
+    grad_sample_mode "ghost" (ghost clipping) also wraps `loss_fn`: its backward runs twice,
+    once for per-sample norms and once for the clipped sum, and the wrapped loss must be used.
+    """
     if settings.secure_mode:
         try:
             import torchcsprng  # noqa: F401
@@ -149,10 +155,16 @@ def make_private(module: nn.Module, optimizer: torch.optim.Optimizer, loader: Da
     engine = PrivacyEngine(accountant=settings.accountant, secure_mode=settings.secure_mode)
     ledger = PrivacyLedger(settings.accountant)
     engine.accountant = ledger.accountant
-    model, optimizer, loader = engine.make_private(
-        module=module, optimizer=optimizer, data_loader=loader,
-        noise_multiplier=settings.noise_multiplier, max_grad_norm=settings.max_grad_norm,
-        poisson_sampling=settings.poisson_sampling, grad_sample_mode=settings.grad_sample_mode)
+    options = dict(module=module, optimizer=optimizer, data_loader=loader,
+                   noise_multiplier=settings.noise_multiplier, max_grad_norm=settings.max_grad_norm,
+                   poisson_sampling=settings.poisson_sampling,
+                   grad_sample_mode=settings.grad_sample_mode)
+    if settings.grad_sample_mode == "ghost":
+        if loss_fn is None:
+            raise ValueError("grad_sample_mode 'ghost' needs the hospital's loss function")
+        model, optimizer, private_loss, loader = engine.make_private(criterion=loss_fn, **options)
+        return PrivateTraining(model, optimizer, loader, ledger, settings, private_loss)
+    model, optimizer, loader = engine.make_private(**options)
     return PrivateTraining(model, optimizer, loader, ledger, settings)
 
 
