@@ -19,11 +19,13 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from torch import Tensor, nn
+
+if TYPE_CHECKING:  # torch loads only when a package is made or used, not for the CLI's parser
+    import torch
+    from torch import Tensor, nn
 
 FORMAT = "fedray-model-package"
 FORMAT_VERSION = 1
@@ -118,14 +120,18 @@ class ModelPackage:
             if image.shape[:2] != (size, size):
                 image = np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR))
             batch[i] = image
+        import torch
+
         x = torch.from_numpy(batch).permute(0, 3, 1, 2).float().div_(255.0)
         mean = torch.tensor(self.mean).view(1, 3, 1, 1)
         std = torch.tensor(self.std).view(1, 3, 1, 1)
         return ((x - mean) / std).to(self.device)
 
-    @torch.inference_mode()
     def predict_proba(self, batch: Tensor) -> Tensor:
-        return torch.softmax(self.model(batch.to(self.device)).float(), dim=1)
+        import torch
+
+        with torch.inference_mode():
+            return torch.softmax(self.model(batch.to(self.device)).float(), dim=1)
 
     def eager_model(self) -> nn.Module:
         """The PyTorch module (for attributions), whatever runtime serves predictions."""
@@ -201,6 +207,8 @@ def _data_summary(run_dir: Path) -> dict[str, Any]:
 
 def _script(model: nn.Module, image_size: int, path: Path) -> float:
     """Trace to TorchScript, save, reload and return the largest output difference."""
+    import torch
+
     gen = torch.Generator().manual_seed(0)
     example = torch.randn(2, 3, image_size, image_size, generator=gen)
     with torch.no_grad(), warnings.catch_warnings():
@@ -269,6 +277,7 @@ def export_package(source: Path, output: Path, *, name: str | None = None,
     from fedray.data.labels import CLASSES
     from fedray.data.transforms import IMAGENET_MEAN, IMAGENET_STD
     from fedray.evaluate import run_weights
+    import torch
 
     unknown = set(formats) - {"torchscript", "none"}
     if unknown:
@@ -399,6 +408,8 @@ def verify_package(path: str | Path) -> dict:
 def load_package(uri: str | Path, *, verify: bool = True, runtime: str = "pytorch",
                  device: str = "cpu") -> ModelPackage:
     """Load a package for inference; verification is on unless the caller opts out."""
+    import torch
+
     if runtime not in ("pytorch", "torchscript"):
         raise PackageError(f"runtime {runtime!r}: use 'pytorch' or 'torchscript'")
     folder = _localise(uri)
