@@ -1,0 +1,204 @@
+"""HTTP serving throughput vs the same model's in-process batched inference (the compute limit).
+
+For each model (resnet18 at 64 px, and the demo's smallcnn at 64 px; untrained weights, which
+time the same as trained ones), a package is exported from a hand-made run folder and measured:
+  limit        one process, no Ray or HTTP: preprocess + forward of decoded 64 px smears in
+               batches of max_batch_size, torch on every core
+  batched      16 concurrent HTTP clients, POST /v1/predict (raw PNG), the Serve application of
+               fedray.serving (Ingress + Model with @serve.batch)
+  unbatched    the same application with max_batch_size 1: one forward pass per request
+  latency      one client, one image at a time: p50 and p99 milliseconds
+Clients, proxy, Ingress and Model share this machine's cores, so on a small machine the HTTP
+figures carry the clients' and the proxy's CPU too. Writes benchmarks/results/serve.json:
+{"models": {name: {"limit_img_s", "batched_img_s", "ratio_batched", ...}}, ...}.
+
+    python benchmarks/serve.py [--seconds 10] [--clients 16] [--models resnet18 smallcnn]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import requests
+import torch
+
+import fedray  # noqa: F401  (loopback Ray defaults before Ray is imported)
+from fedray import checkpoint
+from fedray.config import load_config
+from fedray.data import synth
+from fedray.data.shards import decode_image
+from fedray.messages import to_numpy
+from fedray.models import build_model
+from fedray.package import export_package, load_package
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def make_package(root: Path, backbone: str, size: int) -> Path:
+    """A package of a freshly initialised model: run folder by hand, then export_package."""
+    run = root / f"run_{backbone}"
+    run.mkdir(parents=True)
+    config = load_config(None, [f"name=bench-{backbone}", f"model.backbone={backbone}",
+                                f"data.image_size={size}"])
+    (run / "config.yaml").write_text(config.to_yaml())
+    torch.manual_seed(0)
+    model = build_model(backbone, dropout=config.model.dropout)
+    checkpoint.save_weights(to_numpy(model.state_dict()), run / "model.safetensors")
+    return export_package(run, root / f"pkg_{backbone}", version="bench", formats=())
+
+
+def limit_throughput(package_dir: Path, images: list[np.ndarray], batch: int,
+                     seconds: float) -> float:
+    """Images per second of preprocess + forward in this process, batches of `batch`."""
+    torch.set_num_threads(os.cpu_count() or 1)
+    package = load_package(package_dir)
+    chunk = [images[i % len(images)] for i in range(batch)]
+    package.predict_proba(package.preprocess(chunk))  # warm-up
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        package.predict_proba(package.preprocess(chunk))
+        done += batch
+    return done / (time.perf_counter() - start)
+
+
+def http_throughput(url: str, bodies: list[bytes], clients: int, seconds: float) -> float:
+    """Successful predictions per second from `clients` threads posting for `seconds`."""
+    counts, failures, stop = [0] * clients, [], threading.Event()
+
+    def client(k: int) -> None:
+        with requests.Session() as session:
+            i = k
+            while not stop.is_set():
+                r = session.post(url, data=bodies[i % len(bodies)],
+                                 headers={"Content-Type": "image/png"}, timeout=60)
+                if r.status_code == 200:
+                    counts[k] += 1
+                else:
+                    failures.append(r.status_code)
+                i += clients
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    time.sleep(seconds)
+    stop.set()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - start
+    if failures:
+        raise RuntimeError(f"{len(failures)} failed requests (statuses {sorted(set(failures))})")
+    return sum(counts) / elapsed
+
+
+def latency_ms(url: str, body: bytes, n: int) -> dict:
+    times = []
+    with requests.Session() as session:
+        for _ in range(n):
+            start = time.perf_counter()
+            r = session.post(url, data=body, headers={"Content-Type": "image/png"}, timeout=60)
+            r.raise_for_status()
+            times.append((time.perf_counter() - start) * 1000.0)
+    return {"p50_ms": float(np.percentile(times, 50)), "p99_ms": float(np.percentile(times, 99))}
+
+
+def serve_throughput(package_dir: Path, bodies: list[bytes], args: argparse.Namespace,
+                     max_batch_size: int, port: int, latency: bool) -> dict:
+    from ray import serve
+
+    from fedray.serving import parse_args
+    from fedray.serving.deployments import application
+
+    serve_args = parse_args({"package": str(package_dir), "device": "cpu",
+                             "max_batch_size": max_batch_size,
+                             "batch_wait_timeout_s": args.batch_wait_timeout_s})
+    cpus = os.cpu_count() or 1
+    app = application(serve_args, model_options={
+        "ray_actor_options": {"num_cpus": cpus, "num_gpus": 0},
+        "max_ongoing_requests": max(2 * max_batch_size, 2 * args.clients)})
+    serve.run(app, name="bench", route_prefix="/", blocking=False,
+              logging_config={"enable_access_log": args.access_log})
+    url = f"http://127.0.0.1:{port}/v1/predict"
+    try:
+        http_throughput(url, bodies, args.clients, min(2.0, args.seconds))  # warm-up
+        out = {"img_s": http_throughput(url, bodies, args.clients, args.seconds)}
+        if latency:
+            out.update(latency_ms(url, bodies[0], args.latency_requests))
+    finally:
+        serve.delete("bench")
+    return out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["resnet18", "smallcnn"])
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--seconds", type=float, default=10.0, help="per throughput measurement")
+    parser.add_argument("--max-batch-size", type=int, default=16)
+    parser.add_argument("--batch-wait-timeout-s", type=float, default=0.005)
+    parser.add_argument("--latency-requests", type=int, default=200)
+    parser.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=False,
+                        help="Serve's per-request access log lines (off: as a tuned service)")
+    parser.add_argument("--output", type=Path, default=RESULTS / "serve.json")
+    args = parser.parse_args()
+
+    import ray
+    from ray import serve
+
+    table = synth.generate(n=64, size=args.size, seed=1)
+    bodies = table.column("image").to_pylist()
+    images = [decode_image(b, args.size) for b in bodies]
+    cpus = os.cpu_count() or 1
+    ray.init(num_cpus=cpus + 2, include_dashboard=False, configure_logging=False,
+             log_to_driver=False)
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    results = {}
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            for backbone in args.models:
+                package = make_package(Path(tmp), backbone, args.size)
+                limit = limit_throughput(package, images, args.max_batch_size, args.seconds)
+                batched = serve_throughput(package, bodies, args, args.max_batch_size, port,
+                                           latency=True)
+                unbatched = serve_throughput(package, bodies, args, 1, port, latency=False)
+                row = {"limit_img_s": limit, "batched_img_s": batched["img_s"],
+                       "unbatched_img_s": unbatched["img_s"],
+                       "ratio_batched": batched["img_s"] / limit,
+                       "ratio_unbatched": unbatched["img_s"] / limit,
+                       "p50_ms": batched["p50_ms"], "p99_ms": batched["p99_ms"]}
+                results[f"{backbone}_{args.size}px"] = row
+                print(f"{backbone} {args.size}px: limit {limit:.0f} img/s; HTTP batched "
+                      f"{row['batched_img_s']:.0f} img/s ({row['ratio_batched']:.2f}x), unbatched "
+                      f"{row['unbatched_img_s']:.0f} img/s ({row['ratio_unbatched']:.2f}x); "
+                      f"one image p50 {row['p50_ms']:.1f} ms, p99 {row['p99_ms']:.1f} ms")
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    result = {"models": results,
+              "workload": {k: v for k, v in vars(args).items() if k in (
+                  "size", "clients", "seconds", "max_batch_size", "batch_wait_timeout_s",
+                  "latency_requests", "access_log")},
+              "cpus": cpus, "machine": platform.machine(), "torch": torch.__version__}
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,150 @@
+"""Serving a model package over HTTP with Ray Serve: the application's arguments and `fedray serve`.
+
+Two deployments make the application (fedray.serving.deployments): "Ingress" parses, checks and
+decodes uploads and answers in JSON; "Model" holds the package, batches requests dynamically and
+swaps packages in place when its user_config names another one. This module stays light (pydantic
+only): the CLI parser and the argument model must not pull in Ray or torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from typing import TYPE_CHECKING, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from fedray.config import ConfigError
+
+if TYPE_CHECKING:
+    from ray.serve import Application
+
+__all__ = ["ServeArgs", "add_cli", "build_app", "parse_args"]
+
+
+class ServeArgs(BaseModel):
+    """The application's `args` (serve config file, RayService, or `fedray serve` flags)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    package: str = Field(description="model package: folder, file:// or pyarrow URI (s3://...)")
+    device: Literal["cpu", "cuda", "auto"] = "auto"
+    runtime: Literal["pytorch", "torchscript"] = "pytorch"
+    max_batch_size: int = Field(16, ge=1, le=1024, description="most images per forward pass")
+    batch_wait_timeout_s: float = Field(0.005, ge=0, le=1, description="longest batch fill wait")
+    max_image_bytes: int = Field(10 * 1024 * 1024, ge=1, description="largest accepted upload")
+    max_pixels: int = Field(4096 * 4096, ge=1, description="largest width x height (bomb guard)")
+    max_batch_images: int = Field(32, ge=1, description="most images in one batch request")
+    auth_token_env: str | None = Field(
+        None, description="env var holding a bearer token; when set and non-empty, /v1 needs it")
+    explain_method: Literal["saliency", "gradcam"] = "gradcam"
+
+
+def parse_args(args: dict | ServeArgs) -> ServeArgs:
+    """Validated ServeArgs, or a ConfigError naming each bad or unknown key."""
+    if isinstance(args, ServeArgs):
+        return args
+    try:
+        return ServeArgs.model_validate(args or {})
+    except ValidationError as err:
+        lines = ["invalid serve args:"]
+        for e in err.errors():
+            where = ".".join(str(p) for p in e["loc"]) or "<root>"
+            if e["type"] == "extra_forbidden":
+                lines.append(f"  {where}: unknown key; known: {', '.join(ServeArgs.model_fields)}")
+            else:
+                lines.append(f"  {where}: {e['msg']} (got {e.get('input')!r})")
+        raise ConfigError("\n".join(lines)) from None
+
+
+def build_app(args: dict) -> Application:
+    """The Serve application for `args` (the import path serve config files name)."""
+    from fedray.serving.deployments import application
+
+    return application(parse_args(args))
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def add_cli(sub: argparse._SubParsersAction) -> None:
+    serve = sub.add_parser("serve", help="serve a model package over HTTP (Ray Serve)")
+    serve.add_argument("package", help="package folder, file:// or s3:// URI (fedray export)")
+    serve.add_argument("--host", default="127.0.0.1", help="HTTP address (0.0.0.0: all interfaces)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto")
+    serve.add_argument("--runtime", choices=["pytorch", "torchscript"], default="pytorch")
+    serve.add_argument("--max-batch-size", type=int, default=16)
+    serve.add_argument("--batch-wait-timeout-s", type=float, default=0.005)
+    serve.add_argument("--replicas", type=int, help="fixed number of Model replicas (default 1)")
+    serve.add_argument("--min-replicas", type=int, help="autoscale Model replicas from this ...")
+    serve.add_argument("--max-replicas", type=int, help="... to this")
+    serve.add_argument("--model-cpus", type=float, default=1.0, help="CPUs per Model replica")
+    serve.add_argument("--auth-token-env", metavar="VAR",
+                       help="require `Authorization: Bearer $VAR` on /v1 when VAR is set")
+    serve.add_argument("--name", default="fedray", help="Serve application name")
+    serve.add_argument("--blocking", action=argparse.BooleanOptionalAction, default=True,
+                       help="keep serving until Ctrl-C (--no-blocking: deploy and return)")
+    serve.set_defaults(func=cmd_serve)
+
+
+def _model_scaling(args: argparse.Namespace) -> dict:
+    """Deployment options for Model replicas from the CLI flags."""
+    autoscale = args.min_replicas is not None or args.max_replicas is not None
+    if autoscale and args.replicas is not None:
+        raise ValueError("give --replicas or --min-replicas/--max-replicas, not both")
+    options: dict = {"ray_actor_options": {"num_cpus": args.model_cpus,
+                                           "num_gpus": 1 if args.device == "cuda" else 0}}
+    if autoscale:
+        low = args.min_replicas if args.min_replicas is not None else 1
+        high = args.max_replicas if args.max_replicas is not None else max(low, 1)
+        if not 0 <= low <= high or high < 1:
+            raise ValueError(f"need 0 <= --min-replicas <= --max-replicas >= 1, got {low}, {high}")
+        options["autoscaling_config"] = {"min_replicas": low, "max_replicas": high,
+                                         "target_ongoing_requests": args.max_batch_size}
+    else:
+        replicas = 1 if args.replicas is None else args.replicas
+        if replicas < 1:
+            raise ValueError(f"--replicas must be >= 1, got {replicas}")
+        options["num_replicas"] = replicas
+    return options
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from fedray.package import verify_package
+
+    serve_args = parse_args({
+        "package": args.package, "device": args.device, "runtime": args.runtime,
+        "max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait_timeout_s,
+        "auth_token_env": args.auth_token_env})
+    model_options = _model_scaling(args)
+    card = verify_package(serve_args.package)  # a bad package fails here, before Ray starts
+
+    import ray
+    from ray import serve
+
+    from fedray.serving.deployments import application
+
+    if not ray.is_initialized():
+        address = os.environ.get("RAY_ADDRESS")
+        if address:
+            ray.init(address=address)
+        else:
+            ray.init(include_dashboard=False, configure_logging=False)
+    serve.start(http_options={"host": args.host, "port": args.port})
+    serve.run(application(serve_args, model_options=model_options), name=args.name,
+              route_prefix="/", blocking=False)
+    url = f"http://{args.host}:{args.port}"
+    print(f"serving {card['name']} {card['version']} ({card['model']['backbone']}) at {url}")
+    print(f"  API docs {url}/docs; try: curl -F file=@smear.png {url}/v1/predict")
+    if not args.blocking:
+        return 0
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("shutting down")
+    finally:
+        serve.shutdown()
+    return 0

@@ -1,0 +1,128 @@
+"""The served model and its hot swap, as a plain class the Model deployment wraps (no Ray here).
+
+A swap loads the new package completely and runs a forward pass on it before one reference
+assignment makes it current; a batch reads that reference once, so every request is answered
+wholly by the old model or wholly by the new, and a package that fails to load never replaces
+the one being served.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from fedray.package import ModelPackage, PackageError, load_package
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Served:
+    """One loaded package and the URI it came from."""
+
+    uri: str
+    package: ModelPackage
+    loaded_at: float = field(default_factory=time.time)
+    _explainable: object | None = field(default=None, repr=False)
+
+    def ref(self) -> dict:
+        p = self.package
+        return {"name": p.name, "version": p.version, "hash": p.model_hash}
+
+    def check(self) -> None:
+        """A one-image forward pass: PackageError unless it gives finite class probabilities."""
+        size = self.package.image_size
+        probs = self.package.predict_proba(
+            self.package.preprocess([np.zeros((size, size, 3), np.uint8)]))
+        if tuple(probs.shape) != (1, len(self.package.classes)) or not torch.isfinite(probs).all():
+            raise PackageError(f"{self.uri}: forward pass gives {tuple(probs.shape)} outputs for "
+                               f"{len(self.package.classes)} classes (or non-finite values)")
+
+    def prediction(self, probs: np.ndarray) -> dict:
+        classes = self.package.classes
+        return {"probabilities": {c: float(p) for c, p in zip(classes, probs)},
+                "predicted": classes[int(np.argmax(probs))], "model": self.ref(),
+                "image_size": self.package.image_size}
+
+    def explainable(self):
+        """fedray.explain's LoadedModel of this package, built on first use."""
+        if self._explainable is None:
+            self._explainable = self.package.explainable()
+        return self._explainable
+
+
+Loader = Callable[..., ModelPackage]
+
+
+class Predictor:
+    """Predictions and explanations from the current package; `reload` swaps packages."""
+
+    def __init__(self, uri: str, *, runtime: str = "pytorch", device: str = "cpu",
+                 loader: Loader = load_package) -> None:
+        self.runtime = runtime
+        self.device = device
+        self._loader = loader
+        self._served = self.load(uri)
+        self.last_reload: dict | None = None
+
+    @property
+    def served(self) -> Served:
+        return self._served
+
+    def load(self, uri: str) -> Served:
+        """A checked, ready package (not yet served); PackageError naming what is wrong."""
+        package = self._loader(uri, runtime=self.runtime, device=self.device)
+        served = Served(uri=str(uri), package=package)
+        served.check()
+        return served
+
+    def reload(self, uri: str) -> Served:
+        """Serve `uri` from now on; on any failure keep the current package and re-raise."""
+        try:
+            served = self.load(uri)
+        except Exception as exc:
+            self.last_reload = {"package": str(uri), "ok": False, "error": str(exc),
+                                "at": time.time()}
+            raise
+        old, self._served = self._served, served
+        self.last_reload = {"package": str(uri), "ok": True, "error": None, "at": time.time()}
+        logger.info("model swapped: %s (%s) -> %s (%s)", old.uri, old.ref()["hash"][:12],
+                    served.uri, served.ref()["hash"][:12])
+        return served
+
+    def predict(self, images: list[np.ndarray]) -> list[dict]:
+        """One forward pass for the batch; each dict names the model that answered."""
+        served = self._served
+        batch = served.package.preprocess(images)
+        probs = served.package.predict_proba(batch).float().cpu().numpy()
+        return [served.prediction(row) for row in probs]
+
+    def explain(self, image: np.ndarray, method: str) -> dict:
+        """The prediction plus an (S, S) heatmap in [0, 1] for its predicted class."""
+        from fedray.explain import explain
+
+        served = self._served
+        loaded = served.explainable()
+        inputs = served.package.preprocess([image])
+        probs = served.package.predict_proba(inputs).float().cpu().numpy()[0]
+        target = torch.tensor([int(np.argmax(probs))])
+        heat = explain(loaded.model, inputs, target, method, backbone=loaded.backbone)[0]
+        return {**served.prediction(probs), "heatmap": heat}
+
+    def ready(self) -> dict:
+        served = self._served
+        served.check()
+        return served.ref()
+
+    def info(self) -> dict:
+        served = self._served
+        p = served.package
+        return {"model": served.ref(), "package": served.uri, "backbone": p.backbone,
+                "classes": list(p.classes), "image_size": p.image_size, "runtime": p.runtime,
+                "device": str(p.device), "loaded_at": served.loaded_at,
+                "last_reload": self.last_reload, "card": p.card}

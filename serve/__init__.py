@@ -1,0 +1,1 @@
+"""The Ray Serve application and its config (`serve run serve/config.yaml`)."""

@@ -1,0 +1,631 @@
+"""The Serve application end to end: a real local Serve on 127.0.0.1, from serve/config.yaml.
+
+Two applications of serve.app:build_app run side by side on one Serve instance, deployed the
+way `serve deploy` and a RayService deploy them (the controller's declarative config path):
+  main    (/)        open, small limits so that oversized images are cheap to make
+  secure  (/secure)  bearer token from an env var, TorchScript runtime, and a Model with one
+                     slot and a queue of one, to overload on purpose
+The packages are two tiny 32 px smallcnn runs (seeds 0 and 1) exported with export_package.
+Hot swap is a redeploy of the same config with the Model's user_config changed, exactly what
+editing a serve config or a RayService's serveConfigV2 does, so it runs last.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+import yaml
+from conftest import local_coordinator
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from fedray.config import ConfigError
+from fedray.package import export_package, load_package
+from fedray.serving import parse_args
+
+REPO = Path(__file__).resolve().parents[1]
+TOKEN_ENV = "FEDRAY_TEST_API_TOKEN"
+TOKEN = "s3cret-token"
+MAIN_LIMITS = {"max_image_bytes": 200_000, "max_pixels": 256 * 256, "max_batch_images": 4}
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _png(image: np.ndarray | Image.Image, fmt: str = "PNG") -> bytes:
+    img = Image.fromarray(image) if isinstance(image, np.ndarray) else image
+    buffer = io.BytesIO()
+    img.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _expected(package, data: bytes) -> np.ndarray:
+    """In-process probabilities of one encoded image, decoded as training decodes."""
+    with Image.open(io.BytesIO(data)) as img:
+        rgb = np.asarray(img.convert("RGB"), dtype=np.uint8)
+    return package.predict_proba(package.preprocess([rgb])).numpy()[0]
+
+
+def _probs(body: dict, classes: tuple[str, ...]) -> np.ndarray:
+    assert list(body["probabilities"]) == list(classes)
+    return np.array([body["probabilities"][c] for c in classes])
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+def _train(run_dir: Path, shard_dir: Path, seed: int) -> Path:
+    coordinator = local_coordinator(run_dir, shard_dir, seed=seed)
+    (run_dir / "config.yaml").write_text(coordinator.config.to_yaml())
+    while coordinator.run_round() is not None:
+        pass
+    coordinator.finish()
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def packages(tmp_path_factory, shard_dir) -> dict[str, Path]:
+    """Two packages of the same architecture trained with different seeds, and a tampered one."""
+    root = tmp_path_factory.mktemp("serve_packages")
+    out = {}
+    for name, seed in (("a", 0), ("b", 1)):
+        run = _train(root / f"run_{name}", shard_dir, seed)
+        out[name] = export_package(run, root / f"pkg_{name}", name="tiny", version=name)
+    tampered = root / "pkg_tampered"
+    shutil.copytree(out["b"], tampered)
+    weights = tampered / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-64])
+    out["tampered"] = tampered
+    return out
+
+
+@pytest.fixture(scope="module")
+def in_process(packages):
+    return {name: load_package(packages[name]) for name in ("a", "b")}
+
+
+@pytest.fixture(scope="module")
+def smears() -> list[bytes]:
+    """PNG smears at 48 px: the service resizes them to the model's 32 px."""
+    from fedray.data import synth
+
+    table = synth.generate(n=24, size=48, seed=11, patients_per_class=2)
+    return table.column("image").to_pylist()
+
+
+def _config(packages: dict[str, Path], model_user_config: dict | None = None) -> dict:
+    """serve/config.yaml's application three times over, with test args and small replicas."""
+    template = yaml.safe_load((REPO / "serve" / "config.yaml").read_text())["applications"][0]
+
+    def app(name: str, prefix: str, args: dict, model: dict, env: dict | None = None) -> dict:
+        spec = {**template, "name": name, "route_prefix": prefix,
+                "args": {**template["args"], "package": str(packages["a"]), "device": "cpu",
+                         "auth_token_env": None, **args},
+                "runtime_env": {"env_vars": {"PYTHONPATH": str(REPO), **(env or {})}}}
+        deployments = []
+        for dep in template["deployments"]:
+            dep = {k: v for k, v in dep.items() if k != "autoscaling_config"}
+            dep.update(num_replicas=1, ray_actor_options={"num_cpus": 0.25, "num_gpus": 0})
+            if dep["name"] == "Model":
+                dep.update(model)
+            deployments.append(dep)
+        spec["deployments"] = deployments
+        return spec
+
+    main_model = {"user_config": model_user_config} if model_user_config else {}
+    return {"applications": [
+        app("main", "/", {**MAIN_LIMITS, "max_batch_size": 8}, main_model),
+        app("secure", "/secure", {"auth_token_env": TOKEN_ENV, "runtime": "torchscript",
+                                  "max_batch_size": 1, "max_batch_images": 8},
+            {"max_ongoing_requests": 1, "max_queued_requests": 1}, env={TOKEN_ENV: TOKEN}),
+    ]}
+
+
+def _deploy(config: dict, timeout_s: float = 150.0) -> None:
+    """Apply a multi-application config as `serve deploy` does, and wait until it is running.
+
+    Serve's own client (private API) stands in for the dashboard's REST endpoint that
+    `serve deploy` calls: the session's Ray runs without a dashboard.
+    """
+    from ray import serve
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    _get_global_client().deploy_apps(ServeDeploySchema.model_validate(config))
+    names = {a["name"] for a in config["applications"]}
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        apps = serve.status().applications
+        states = {n: apps[n].status for n in names if n in apps}
+        failed = {n: apps[n].message for n, s in states.items() if s == "DEPLOY_FAILED"}
+        assert not failed, failed
+        if len(states) == len(names) and all(s == "RUNNING" for s in states.values()):
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"applications not running after {timeout_s}s: {serve.status()}")
+
+
+@pytest.fixture(scope="module")
+def service(ray_session, packages) -> dict:
+    from ray import serve
+
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        _deploy(_config(packages))
+        base = f"http://127.0.0.1:{port}"
+        yield {"url": base, "secure": f"{base}/secure", "packages": packages}
+    finally:
+        serve.shutdown()
+
+
+@pytest.fixture()
+def http():
+    with requests.Session() as session:
+        yield session
+
+
+def _predict(http, url: str, data: bytes, **kwargs) -> requests.Response:
+    return http.post(f"{url}/v1/predict", files={"file": ("smear.png", data, "image/png")},
+                     timeout=30, **kwargs)
+
+
+def _still_serving(http, url: str, data: bytes, **kwargs) -> None:
+    """The service answers a good request (within a few seconds: an overload drains first)."""
+    deadline = time.monotonic() + 10
+    while (response := _predict(http, url, data, **kwargs)).status_code == 503 and \
+            time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert response.status_code == 200, response.text
+
+
+# --------------------------------------------------------------------------- no Serve needed
+
+
+def test_config_file_is_a_serve_config_of_this_app():
+    import importlib.util
+
+    from ray.serve.schema import ServeDeploySchema
+
+    from fedray.serving import build_app
+
+    spec = importlib.util.spec_from_file_location("serve_app", REPO / "serve" / "app.py")
+    serve_app = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(serve_app)
+
+    raw = yaml.safe_load((REPO / "serve" / "config.yaml").read_text())
+    schema = ServeDeploySchema.model_validate(raw)
+    (app,) = schema.applications
+    assert app.import_path == "serve.app:build_app" and app.route_prefix == "/"
+    assert serve_app.build_app is build_app
+    assert {d.name for d in app.deployments} == {"Ingress", "Model"}
+    parsed = parse_args(app.args)
+    assert parsed.max_batch_size == 16 and parsed.auth_token_env == "FEDRAY_API_TOKEN"
+
+
+def test_unknown_or_bad_args_are_refused_by_name():
+    with pytest.raises(ConfigError, match="max_batchsize: unknown key"):
+        parse_args({"package": "p", "max_batchsize": 8})
+    with pytest.raises(ConfigError, match="device"):
+        parse_args({"package": "p", "device": "tpu"})
+    with pytest.raises(ConfigError, match="package"):
+        parse_args({})
+
+
+def test_cli_parser_imports_neither_ray_nor_torch():
+    code = ("import sys, fedray.serving as s, argparse\n"
+            "p = argparse.ArgumentParser(); sub = p.add_subparsers(); s.add_cli(sub)\n"
+            "a = p.parse_args(['serve', 'pkg', '--min-replicas', '1', '--max-replicas', '3'])\n"
+            "assert a.host == '127.0.0.1' and a.port == 8000 and a.blocking, a\n"
+            "heavy = {'ray', 'torch'} & set(sys.modules)\n"
+            "assert not heavy, heavy\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+    from fedray import cli
+
+    args = cli.build_parser().parse_args(["serve", "pkg", "--no-blocking", "--replicas", "2"])
+    assert args.func.__module__ == "fedray.serving" and not args.blocking
+
+
+@pytest.mark.parametrize("fmt,mode", [("PNG", "RGB"), ("PNG", "RGBA"), ("PNG", "L"),
+                                      ("JPEG", "RGB"), ("TIFF", "RGB"), ("PNG", "P")])
+def test_served_decode_is_the_training_decode(smears, fmt, mode):
+    from fedray.data.shards import decode_image
+    from fedray.serving.images import Limits, Upload, decode_upload
+
+    data = _png(Image.open(io.BytesIO(smears[4])).convert(mode), fmt)
+    limits = Limits(max_image_bytes=10**6, max_pixels=10**6, max_batch_images=1)
+    decoded = decode_upload(Upload("x", data), limits, 32, display_max=40)
+    np.testing.assert_array_equal(decoded.model_input, decode_image(data, 32))
+    assert decoded.display.shape == (40, 40, 3)
+
+
+def test_predictor_keeps_serving_when_a_swap_fails(packages, in_process, smears):
+    from fedray.package import PackageError
+    from fedray.serving.predictor import Predictor
+
+    predictor = Predictor(str(packages["a"]))
+    image = [np.asarray(Image.open(io.BytesIO(smears[0])).convert("RGB"))]
+    before = predictor.predict(image)[0]
+    with pytest.raises(PackageError, match="model.safetensors"):
+        predictor.reload(str(packages["tampered"]))
+    assert predictor.predict(image)[0] == before
+    assert predictor.last_reload["ok"] is False
+    predictor.reload(str(packages["b"]))
+    after = predictor.predict(image)[0]
+    assert after["model"]["hash"] == in_process["b"].model_hash != before["model"]["hash"]
+    assert predictor.last_reload["ok"] is True
+
+
+def test_cli_refuses_a_bad_package_before_starting_ray(packages, capsys):
+    from fedray import cli
+
+    assert cli.main(["serve", str(packages["tampered"]), "--port", "1"]) == 2
+    assert "model.safetensors" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- endpoints
+
+
+def test_predict_upload_and_raw_bodies_match_in_process(service, in_process, smears, http):
+    url, package = service["url"], in_process["a"]
+    rgb = np.asarray(Image.open(io.BytesIO(smears[0])).convert("RGB"))
+    bodies = [(smears[0], "image/png"), (_png(rgb, "JPEG"), "image/jpeg"),
+              (_png(rgb, "TIFF"), "image/tiff")]
+    for data, content_type in bodies:
+        for response in (
+            http.post(f"{url}/v1/predict", data=data, headers={"Content-Type": content_type}),
+            http.post(f"{url}/v1/predict", files={"file": ("x", data, content_type)}),
+        ):
+            assert response.status_code == 200, response.text
+            body = response.json()
+            probs = _probs(body, package.classes)
+            np.testing.assert_allclose(probs, _expected(package, data), atol=1e-5)
+            assert body["predicted"] == package.classes[int(np.argmax(probs))]
+            assert body["model"] == {"name": "tiny", "version": "a", "hash": package.model_hash}
+            assert body["latency_ms"] > 0
+
+
+def test_batch_answers_in_order(service, in_process, smears, http):
+    files = [("files", (f"s{i}.png", data, "image/png")) for i, data in enumerate(smears[:4])]
+    response = http.post(f"{service['url']}/v1/predict/batch", files=files)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert len(body) == 4
+    for item, data in zip(body, smears[:4]):
+        probs = _probs(item, in_process["a"].classes)
+        np.testing.assert_allclose(probs, _expected(in_process["a"], data), atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["gradcam", "saliency"])
+def test_explain_returns_prediction_and_heatmap_png(service, in_process, smears, http, method):
+    response = http.post(f"{service['url']}/v1/explain", params={"method": method},
+                         files={"file": ("s.png", smears[1], "image/png")})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["method"] == method
+    np.testing.assert_allclose(_probs(body, in_process["a"].classes),
+                               _expected(in_process["a"], smears[1]), atol=1e-5)
+    heat = Image.open(io.BytesIO(base64.b64decode(body["heatmap_png"])))
+    assert heat.format == "PNG" and heat.size == tuple(body["heatmap_size"]) == (48, 48)
+
+
+def test_explain_default_method_and_unknown_method(service, smears, http):
+    url = f"{service['url']}/v1/explain"
+    ok = http.post(url, data=smears[1], headers={"Content-Type": "image/png"})
+    assert ok.status_code == 200 and ok.json()["method"] == "gradcam"
+    bad = http.post(url, params={"method": "lime"}, data=smears[1],
+                    headers={"Content-Type": "image/png"})
+    assert bad.status_code == 400 and bad.json()["error"] == "unknown_method"
+    assert "lime" in bad.json()["detail"]
+
+
+def test_model_card_health_readiness_and_openapi(service, in_process, http):
+    url, package = service["url"], in_process["a"]
+    card = http.get(f"{url}/v1/model").json()
+    assert card["model"]["hash"] == package.model_hash
+    assert card["card"]["name"] == "tiny" and card["classes"] == list(package.classes)
+    assert card["image_size"] == 32 and card["runtime"] == "pytorch" and card["device"] == "cpu"
+    assert http.get(f"{url}/healthz").json() == {"status": "ok"}
+    ready = http.get(f"{url}/readyz")
+    assert ready.status_code == 200 and ready.json()["model"]["hash"] == package.model_hash
+    spec = http.get(f"{url}/openapi.json").json()
+    for path in ("/v1/predict", "/v1/predict/batch", "/v1/explain"):
+        post = spec["paths"][path]["post"]
+        assert "multipart/form-data" in post["requestBody"]["content"]
+        assert {"200", "400", "413", "415", "503"} <= set(post["responses"])
+    assert "/v1/model" in spec["paths"] and "Prediction" in spec["components"]["schemas"]
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def _bomb() -> bytes:
+    return _png(Image.new("1", (2000, 2000)))  # 4 Mpx in ~1 kB
+
+
+def _bad_requests(smears: list[bytes]) -> list[tuple[str, str, dict, int, str, str]]:
+    """(case, path, requests kwargs, status, error code, text the detail must contain)."""
+    good = smears[0]
+    noise = _png(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    gif = _png(Image.new("RGB", (8, 8)), "GIF")
+
+    def raw(data: bytes, ctype: str) -> dict:
+        return {"data": data, "headers": {"Content-Type": ctype}}
+
+    def part(data: bytes, name: str = "a.png", field: str = "file", ctype: str = "image/png"):
+        return {"files": {field: (name, data, ctype)}}
+
+    return [
+        ("not an image", "/v1/predict", raw(b"hello, not an image", "image/png"), 400,
+         "not_an_image", "body"),
+        ("not an image (part)", "/v1/predict", part(b"%PDF-1.4 ...", "report.pdf"), 400,
+         "not_an_image", "report.pdf"),
+        ("gif", "/v1/predict", part(gif, "x.gif", ctype="image/gif"), 400, "not_an_image",
+         "JPEG, PNG or TIFF"),
+        ("truncated", "/v1/predict", part(noise[: len(noise) // 2], "cut.png"), 400,
+         "truncated_image", "cut.png"),
+        ("zero bytes raw", "/v1/predict", raw(b"", "image/jpeg"), 400, "empty_image", "zero"),
+        ("zero bytes part", "/v1/predict", part(b"", "empty.png"), 400, "empty_image",
+         "empty.png"),
+        ("text/plain", "/v1/predict", raw(good, "text/plain"), 415, "unsupported_media_type",
+         "text/plain"),
+        ("json", "/v1/predict", {"json": {"image": "x"}}, 415, "unsupported_media_type",
+         "application/json"),
+        ("part not an image type", "/v1/predict", part(good, "a.txt", ctype="text/plain"), 415,
+         "unsupported_media_type", "a.txt"),
+        ("over byte limit raw", "/v1/predict", raw(b"\x89PNG" + bytes(200_001), "image/png"), 413,
+         "image_too_large", "200000"),
+        ("over byte limit part", "/v1/predict", part(b"\xff\xd8" + bytes(200_000), "big.jpg"),
+         413, "image_too_large", "big.jpg"),
+        ("over pixel limit", "/v1/predict", part(_png(Image.new("L", (300, 300))), "wide.png"),
+         413, "too_many_pixels", "300x300"),
+        ("decompression bomb", "/v1/predict", part(_bomb(), "bomb.png"), 413,
+         "decompression_bomb", "bomb.png"),
+        ("batch over limit", "/v1/predict/batch",
+         {"files": [("files", (f"{i}.png", good, "image/png")) for i in range(5)]}, 413,
+         "batch_too_large", "5 images"),
+        ("one bad part of a batch", "/v1/predict/batch",
+         {"files": [("files", ("ok.png", good, "image/png")),
+                    ("files", ("notes.txt", b"not an image", "application/octet-stream"))]},
+         400, "not_an_image", "files[1] ('notes.txt')"),
+        ("batch not multipart", "/v1/predict/batch", raw(good, "image/png"), 415,
+         "unsupported_media_type", "multipart"),
+        ("malformed multipart", "/v1/predict",
+         raw(b"--xyz\r\nContent-Disposition: form-data\r\n\r\nbroken", "multipart/form-data; "
+             "boundary=xyz"), 400, "malformed_multipart", "name"),
+        ("multipart without boundary", "/v1/predict", raw(b"junk", "multipart/form-data"), 400,
+         "malformed_multipart", "boundary"),
+        ("missing file", "/v1/predict", part(good, field="image"), 400, "missing_file", "'file'"),
+        ("missing files", "/v1/predict/batch", part(good, field="file"), 400, "missing_file",
+         "'files'"),
+        ("text field, not a file", "/v1/predict", {"files": {"file": (None, "hello")}}, 400,
+         "not_a_file", "'file'"),
+        ("two files to single predict", "/v1/predict",
+         {"files": [("file", ("a.png", good)), ("file", ("b.png", good))]}, 400,
+         "too_many_files", "batch"),
+    ]
+
+
+def test_bad_input_gets_a_4xx_json_error_and_the_service_lives(service, smears, http):
+    url = service["url"]
+    failures = []
+    for case, path, kwargs, status, code, text in _bad_requests(smears):
+        response = http.post(f"{url}{path}", timeout=30, **kwargs)
+        body = response.json() if response.headers.get("content-type") == "application/json" \
+            else {"raw": response.text}
+        if (response.status_code, body.get("error")) != (status, code) or \
+                text not in body.get("detail", ""):
+            failures.append(f"{case}: {response.status_code} {body}")
+        _still_serving(http, url, smears[0])
+    assert not failures, "\n".join(failures)
+    assert http.get(f"{url}/v2/nothing").json()["error"] == "not_found"
+
+
+def test_overload_is_a_quick_503_not_a_queue(service, smears, http):
+    url, auth = service["secure"], {"Authorization": f"Bearer {TOKEN}"}
+    files = [("files", (f"{i}.png", smears[i], "image/png")) for i in range(8)]
+    start = time.perf_counter()
+    response = http.post(f"{url}/v1/predict/batch", files=files, headers=auth, timeout=30)
+    assert time.perf_counter() - start < 5
+    assert response.status_code == 503, response.text
+    assert response.json()["error"] == "overloaded" and response.headers["Retry-After"] == "1"
+    _still_serving(http, url, smears[0], headers=auth)  # once the accepted requests drain
+
+
+# --------------------------------------------------------------------------- auth
+
+
+def test_bearer_token_guards_v1_but_not_health(service, in_process, smears, http):
+    url = service["secure"]
+    assert _predict(http, url, smears[0]).status_code == 401
+    wrong = _predict(http, url, smears[0], headers={"Authorization": "Bearer nope"})
+    assert wrong.status_code == 401 and wrong.json()["error"] == "unauthorized"
+    assert wrong.headers["WWW-Authenticate"] == "Bearer"
+    assert http.get(f"{url}/v1/model").status_code == 401
+    assert http.get(f"{url}/v1/model", headers={"Authorization": TOKEN}).status_code == 401
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    ok = _predict(http, url, smears[0], headers=auth)
+    assert ok.status_code == 200, ok.text
+    # This application serves the TorchScript copy: same weights, same answers.
+    np.testing.assert_allclose(_probs(ok.json(), in_process["a"].classes),
+                               _expected(in_process["a"], smears[0]), atol=1e-4)
+    assert http.get(f"{url}/v1/model", headers=auth).json()["runtime"] == "torchscript"
+    assert http.get(f"{url}/healthz").status_code == 200
+    assert http.get(f"{url}/readyz").status_code == 200
+    assert _predict(http, service["url"], smears[0]).status_code == 200  # main is open
+
+
+# --------------------------------------------------------------------------- load
+
+
+def test_sixteen_concurrent_clients_agree_with_in_process(service, in_process, smears):
+    url, package = service["url"], in_process["a"]
+    expected = [_expected(package, data) for data in smears]
+
+    def client(k: int) -> list[tuple[int, int, dict]]:
+        out = []
+        with requests.Session() as session:
+            for j in range(4):
+                i = (k * 4 + j) % len(smears)
+                r = _predict(session, url, smears[i])
+                out.append((i, r.status_code, r.json()))
+        return out
+
+    with ThreadPoolExecutor(16) as pool:
+        results = [item for chunk in pool.map(client, range(16)) for item in chunk]
+    assert len(results) == 64
+    assert all(status == 200 for _, status, _ in results), results
+    for i, _, body in results:
+        probs = _probs(body, package.classes)
+        np.testing.assert_allclose(probs, expected[i], atol=1e-5)
+        assert body["predicted"] == package.classes[int(np.argmax(expected[i]))]
+
+
+# --------------------------------------------------------------------------- property-based
+
+_CONTENT_TYPES = ["image/png", "image/jpeg", "image/tiff", "text/plain", "application/json",
+                  "multipart/form-data", "multipart/form-data; boundary=b", "image/gif",
+                  "application/octet-stream", "", "image/png; charset=utf-8", "x/y;;="]
+_ENDPOINTS = ["/v1/predict", "/v1/predict/batch", "/v1/explain"]
+
+
+def _mutated(seed_image: bytes):
+    """Valid images with bytes flipped, cut or extended: the decoder's hardest inputs."""
+    def mutate(args):
+        cut, flips, tail = args
+        data = bytearray(seed_image[: max(cut, 1)])
+        for pos, value in flips:
+            data[pos % len(data)] = value
+        return bytes(data) + tail
+    return st.tuples(st.integers(0, len(seed_image)),
+                     st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), max_size=8),
+                     st.binary(max_size=16)).map(mutate)
+
+
+_SETTINGS = settings(max_examples=75, deadline=None, derandomize=True, database=None,
+                     suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                            HealthCheck.too_slow])
+
+
+def _no_5xx(response: requests.Response) -> None:
+    assert response.status_code < 500, (response.status_code, response.text[:300])
+    if response.status_code >= 400:
+        assert response.json()["error"], response.text
+
+
+def test_random_bodies_never_give_5xx(service, smears, http):
+    url = service["url"]
+    seed = smears[2]
+
+    @_SETTINGS
+    @given(path=st.sampled_from(_ENDPOINTS), ctype=st.sampled_from(_CONTENT_TYPES),
+           data=st.one_of(st.binary(max_size=2048), _mutated(seed)))
+    def check(path, ctype, data):
+        _no_5xx(http.post(f"{url}{path}", data=data, headers={"Content-Type": ctype}, timeout=30))
+
+    check()
+    _still_serving(http, url, seed)
+
+
+def test_random_multipart_never_gives_5xx(service, smears, http):
+    url = service["url"]
+    seed = smears[3]
+    part = st.tuples(st.sampled_from(["file", "files", "image", "", "f\u00e9"]),
+                     st.one_of(st.none(), st.text(max_size=12)),
+                     st.one_of(st.binary(max_size=512), _mutated(seed), st.just(seed)),
+                     st.sampled_from(["image/png", "text/plain", "application/octet-stream",
+                                      "image/jpeg", ""]))
+
+    @_SETTINGS
+    @given(path=st.sampled_from(_ENDPOINTS), parts=st.lists(part, max_size=6))
+    def check(path, parts):
+        files = [(field, (name, data, ctype) if ctype else (name, data))
+                 for field, name, data, ctype in parts]
+        if not files:
+            files = {"file": ("empty", b"")}
+        _no_5xx(http.post(f"{url}{path}", files=files, timeout=30))
+
+    check()
+    _still_serving(http, url, seed)
+
+
+# --------------------------------------------------------------------------- hot swap (last)
+
+
+def _model_info(http, url: str) -> dict:
+    return http.get(f"{url}/v1/model", timeout=30).json()
+
+
+def test_hot_swap_under_traffic_then_a_bad_package_is_refused(service, in_process, smears, http):
+    url, packages = service["url"], service["packages"]
+    old, new = in_process["a"].model_hash, in_process["b"].model_hash
+    assert old != new
+    replica = _model_info(http, url)["replica"]
+    seen, errors, stop = [], [], threading.Event()
+
+    def traffic() -> None:
+        with requests.Session() as session:
+            while not stop.is_set():
+                r = _predict(session, url, smears[5])
+                if r.status_code != 200:
+                    errors.append((r.status_code, r.text[:200]))
+                else:
+                    seen.append(r.json()["model"]["hash"])
+
+    sender = threading.Thread(target=traffic)
+    sender.start()
+    try:
+        while len(seen) < 5 and not errors:
+            time.sleep(0.05)
+        _deploy(_config(packages, {"package": str(packages["b"])}))
+        deadline = time.monotonic() + 60
+        while (not seen or seen[-1] != new) and time.monotonic() < deadline and not errors:
+            time.sleep(0.1)
+        count = len(seen)
+        while len(seen) < count + 5 and not errors:
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        sender.join(timeout=60)
+    assert not errors, errors[:5]
+    assert set(seen) == {old, new} and seen[0] == old and seen[-1] == new
+    swap = seen.index(new)
+    assert set(seen[swap:]) == {new}, "an old answer came after the first new one"
+    info = _model_info(http, url)
+    assert info["model"]["hash"] == new and info["last_reload"]["ok"]
+    assert info["replica"] == replica, "the replica was replaced, not reconfigured in place"
+
+    # A tampered package: refused, named, and the serving model does not change.
+    bad = str(packages["tampered"])
+    _deploy(_config(packages, {"package": bad}))
+    deadline = time.monotonic() + 60
+    while (info["last_reload"] or {}).get("package") != bad and time.monotonic() < deadline:
+        time.sleep(0.2)
+        info = _model_info(http, url)
+    assert info["last_reload"]["ok"] is False
+    assert "model.safetensors" in info["last_reload"]["error"]
+    assert info["model"]["hash"] == new and info["replica"] == replica
+    response = _predict(http, url, smears[5])
+    assert response.status_code == 200 and response.json()["model"]["hash"] == new
+    assert http.get(f"{url}/readyz").status_code == 200
