@@ -13,7 +13,10 @@ USER_ERRORS: tuple[type[Exception], ...] = (ValueError, FileNotFoundError)
 # Modules that add their own subcommand with `add_cli(subparsers)`; they import heavy
 # libraries (Ray Tune, Serve, the job client) inside their command functions, not at import.
 COMMAND_MODULES: tuple[str, ...] = (
+    "fedray.submit",
     "fedray.package",
+    "fedray.serving",
+    "fedray.tune",
 )
 
 

@@ -84,10 +84,12 @@ def progress_line(record: dict, rounds: int) -> str:
 def run(config: ExperimentConfig, *, output_dir: Path | None = None, resume: Path | None = None,
         log: Callable[[str], None] = print,
         on_round: Callable[[dict], None] | None = None,
-        shards: ShardSet | None = None) -> RunResult:
+        shards: ShardSet | None = None,
+        on_start: Callable[[Path], None] | None = None) -> RunResult:
     """Train (or resume) one federated run and evaluate its best global model.
 
     `shards` skips data preparation with shards made elsewhere (benchmarks, cross-validation).
+    `on_start` learns the run folder before the first round (a sweep's trial reports it).
     """
     import ray
 
@@ -97,6 +99,8 @@ def run(config: ExperimentConfig, *, output_dir: Path | None = None, resume: Pat
     run_dir = Path(resume).resolve() if resume else new_run_dir(config, output_dir)
     (run_dir / "config.yaml").write_text(config.to_yaml())
     log(f"run folder: {run_dir}")
+    if on_start:
+        on_start(run_dir)
     shards = shards or prepare_data(config, run_dir, log)
     runtime.init_ray(config.runtime)
     coordinator = runtime.launch_coordinator(config, run_dir, shards, resume=resume is not None)

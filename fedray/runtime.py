@@ -13,6 +13,8 @@ from pathlib import Path
 
 import ray
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
+from ray.util.placement_group import PlacementGroup, get_current_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from fedray.client import HospitalClient
 from fedray.config import ExperimentConfig, RuntimeConfig
@@ -47,21 +49,29 @@ class Placement:
     """Resources of one hospital actor and the torch threads that match its CPU share.
 
     `resources` are the custom Ray resources that pin it to a node (empty: not pinned, the
-    actor is spread across the nodes).
+    actor is spread across the nodes). `bundle` is its bundle of the placement group the run
+    is inside (a Ray Tune trial's), None outside one.
     """
 
     num_cpus: float
     num_gpus: float
     threads: int
     resources: dict[str, float] = field(default_factory=dict)
+    bundle: int | None = None
 
     def demand(self) -> dict[str, float]:
         """Everything the actor asks of one node, as Ray names it."""
         need = {"CPU": self.num_cpus, "GPU": self.num_gpus, **self.resources}
         return {k: v for k, v in need.items() if v > 0}
 
-    def options(self) -> dict:
-        """Ray actor options: pinned actors go where their resources are, the others SPREAD."""
+    def options(self, group: PlacementGroup | None = None) -> dict:
+        """Ray actor options: pinned actors go where their resources are, the others SPREAD;
+        inside a placement group, each goes to its own bundle."""
+        if group is not None and self.bundle is not None:
+            return {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus,
+                    "resources": dict(self.resources),
+                    "scheduling_strategy": PlacementGroupSchedulingStrategy(
+                        group, placement_group_bundle_index=self.bundle)}
         if self.resources:
             return {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus,
                     "resources": dict(self.resources)}
@@ -142,6 +152,20 @@ def hospital_placements(runtime: RuntimeConfig, names: list[str],
     return placements
 
 
+def bundle_placements(names: list[str], bundles: list[dict[str, float]]) -> dict[str, Placement]:
+    """Inside a trial's placement group hospital i takes bundle i + 1 whole; bundle 0 is the
+    coordinator's (fedray.tune.trial_resources lays them out)."""
+    if len(bundles) != len(names) + 1:
+        raise StartupError(
+            f"this run is inside a placement group of {len(bundles)} bundles, but it needs "
+            f"{len(names) + 1}: the coordinator's, then one per hospital "
+            "(see fedray.tune.trial_resources)")
+    return {name: Placement(num_cpus=b.get("CPU", 0.0), num_gpus=b.get("GPU", 0.0),
+                            threads=max(1, math.floor(b.get("CPU", 0.0))),
+                            resources=_custom(b), bundle=i + 1)
+            for i, (name, b) in enumerate(zip(names, bundles[1:]))}
+
+
 def _fmt(resources: dict[str, float]) -> str:
     return "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(resources.items())) + "}"
 
@@ -191,7 +215,10 @@ class HospitalActor(HospitalClient):
     """A hospital as a Ray actor: the same class, and `info` also says which node it is on."""
 
     def info(self) -> dict:
-        return {**super().info(), "node_id": ray.get_runtime_context().get_node_id()}
+        context = ray.get_runtime_context()
+        return {**super().info(), "node_id": context.get_node_id(),
+                "placement_group": context.get_placement_group_id(),
+                "assigned": context.get_assigned_resources()}
 
 
 class RayPool:
@@ -204,17 +231,21 @@ class RayPool:
     def __init__(self, config: ExperimentConfig, shards: ShardSet, run_dir: Path) -> None:
         rt = config.runtime
         self.names = sorted(shards.hospitals)
-        nodes = live_nodes()
-        self.placements = hospital_placements(rt, self.names, nodes)
-        problems = unplaceable({n: p.demand() for n, p in self.placements.items()}, nodes)
-        if problems:
-            raise StartupError("hospitals that no node of the cluster can host:\n  "
-                               + "\n  ".join(problems.values()))
+        group = get_current_placement_group()
+        if group is not None:  # a Ray Tune trial: its placement group is already reserved
+            self.placements = bundle_placements(self.names, group.bundle_specs)
+        else:
+            nodes = live_nodes()
+            self.placements = hospital_placements(rt, self.names, nodes)
+            problems = unplaceable({n: p.demand() for n, p in self.placements.items()}, nodes)
+            if problems:
+                raise StartupError("hospitals that no node of the cluster can host:\n  "
+                                   + "\n  ".join(problems.values()))
         remote = ray.remote(HospitalActor)
         self.actors = {
             name: remote.options(
                 name=None, max_restarts=rt.max_restarts, max_task_retries=0,
-                **self.placements[name].options(),
+                **self.placements[name].options(group),
             ).remote(name, str(shards.path(shards.hospitals[name])), config,
                      str(run_dir / "hospitals" / name), self.placements[name].threads)
             for name in self.names
@@ -343,13 +374,24 @@ def launch_coordinator(config: ExperimentConfig, run_dir: Path, shards: ShardSet
                        resume: bool = False) -> ray.actor.ActorHandle:
     """The hospital actors and the coordinator actor, all starting at once.
 
-    The coordinator's CPUs are logical only: it evaluates while the hospitals are idle.
+    The coordinator's CPUs are logical only: it evaluates while the hospitals are idle. Inside
+    a trial's placement group it takes bundle 0 and threads for the trial's CPUs, not the
+    cluster's.
     """
     rt = config.runtime
     pool = RayPool(config, shards, run_dir)
-    remote = ray.remote(CoordinatorHost).options(
-        num_cpus=rt.coordinator_num_cpus, num_gpus=rt.coordinator_num_gpus, max_restarts=0)
-    threads = max(1, int(ray.cluster_resources().get("CPU", os.cpu_count() or 1)))
+    group = get_current_placement_group()
+    if group is not None:
+        bundles = group.bundle_specs
+        options = {"num_cpus": bundles[0].get("CPU", 0.0), "num_gpus": bundles[0].get("GPU", 0.0),
+                   "scheduling_strategy": PlacementGroupSchedulingStrategy(
+                       group, placement_group_bundle_index=0)}
+        cpus = sum(b.get("CPU", 0.0) for b in bundles)
+    else:
+        options = {"num_cpus": rt.coordinator_num_cpus, "num_gpus": rt.coordinator_num_gpus}
+        cpus = ray.cluster_resources().get("CPU", os.cpu_count() or 1)
+    remote = ray.remote(CoordinatorHost).options(max_restarts=0, **options)
+    threads = max(1, int(cpus))
     return remote.remote(config, str(run_dir), str(shards.root), pool, resume, threads)
 
 
