@@ -131,7 +131,7 @@ class PrivacyConfig(_Strict):
     accountant: Literal["rdp", "prv"] = "rdp"
     poisson_sampling: bool = True
     secure_mode: bool = False
-    grad_sample_mode: Literal["hooks", "functorch", "ew", "ghost"] = "hooks"
+    grad_sample_mode: Literal["hooks", "functorch", "ew", "ghost"] = "ghost"
     hospitals: dict[str, PrivacyOverride] = Field(default_factory=dict)
 
 

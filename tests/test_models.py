@@ -300,21 +300,25 @@ def test_pretrained_weights_load_from_hugging_face_cache(tmp_path: Path, monkeyp
 
 
 def _one_dp_sgd_step(model: nn.Module, size: int) -> None:
-    """One Opacus DP-SGD step; asserts every trainable parameter moved (clipped grad + noise)."""
-    from opacus import PrivacyEngine
+    """One DP-SGD step as hospitals take it (fedray.privacy, the config's default grad-sample
+    mode); asserts every trainable parameter moved (clipped grad + noise)."""
+    from fedray import privacy
+    from fedray.config import PrivacyConfig
 
     data = TensorDataset(torch.randn(4, 3, size, size), torch.randint(0, 4, (4,)))
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(trainable, lr=0.1)
-    module, optimizer, loader = PrivacyEngine().make_private(
-        module=model, optimizer=optimizer, data_loader=DataLoader(data, batch_size=2),
-        noise_multiplier=1.0, max_grad_norm=1.0, poisson_sampling=False,
-    )
+    settings = privacy.PrivacySettings(
+        noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-5, budget=None, sample_rate=0.5,
+        accountant="rdp", poisson_sampling=False, secure_mode=False,
+        grad_sample_mode=PrivacyConfig().grad_sample_mode)
+    loss_fn = nn.CrossEntropyLoss()
+    private = privacy.make_private(model, optimizer, DataLoader(data, batch_size=2), settings, loss_fn)
     before = [p.detach().clone() for p in trainable]
-    x, y = next(iter(loader))
-    loss = nn.functional.cross_entropy(module(x), y)
+    x, y = next(iter(private.loader))
+    loss = (private.loss_fn or loss_fn)(private.model(x), y)
     loss.backward()
-    optimizer.step()
+    private.optimizer.step()
     assert all(not torch.equal(b, p) for b, p in zip(before, trainable))
 
 
