@@ -230,12 +230,17 @@ class ExperimentConfig(_Strict):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
-def _format_errors(err: ValidationError, origin: str) -> str:
-    lines = [f"invalid config ({origin}):"]
+def format_validation_error(err: ValidationError, heading: str,
+                            unknown_key_hint: str = "check spelling; see README config reference"
+                            ) -> str:
+    """`heading:` then one line per bad field: its dotted path, what is wrong and the value
+    given; an unknown key gets `unknown_key_hint` as its fix. Shared by every typed config
+    (experiments, sweeps, serve args) so their errors read alike."""
+    lines = [f"{heading}:"]
     for e in err.errors():
         where = ".".join(str(p) for p in e["loc"]) or "<root>"
         if e["type"] == "extra_forbidden":
-            lines.append(f"  {where}: unknown key (check spelling; see README config reference)")
+            lines.append(f"  {where}: unknown key ({unknown_key_hint})")
         else:
             lines.append(f"  {where}: {e['msg']} (got {e.get('input')!r})")
     return "\n".join(lines)
@@ -292,4 +297,4 @@ def load_config(path: Path | None = None, overrides: list[str] | None = None) ->
     try:
         return ExperimentConfig.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(_format_errors(err, origin)) from None
+        raise ConfigError(format_validation_error(err, f"invalid config ({origin})")) from None

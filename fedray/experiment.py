@@ -16,6 +16,10 @@ from fedray.data.pipeline import build_shards, counts_table, load_source
 from fedray.data.shards import ShardSet
 from fedray.metrics import format_table
 
+# Where a run given shards made elsewhere (a sweep's, cross-validation's) records their counts;
+# a run that makes its own keeps them in data/shards.json.
+SHARDS_USED = "shards_used.json"
+
 
 @dataclass
 class RunResult:
@@ -57,6 +61,13 @@ def prepare_data(config: ExperimentConfig, run_dir: Path, log: Callable[[str], N
     return shards
 
 
+def record_shards(shards: ShardSet, run_dir: Path) -> None:
+    """Note which shards a run trained on, and what they hold, in its own folder (the model
+    card's per-hospital table reads it)."""
+    record = {"root": str(Path(shards.root).resolve()), "counts": shards.counts}
+    (run_dir / SHARDS_USED).write_text(json.dumps(record, indent=2))
+
+
 def progress_line(record: dict, rounds: int) -> str:
     done = len(record["completed"])
     asked = len(record["selected"])
@@ -88,7 +99,8 @@ def run(config: ExperimentConfig, *, output_dir: Path | None = None, resume: Pat
         on_start: Callable[[Path], None] | None = None) -> RunResult:
     """Train (or resume) one federated run and evaluate its best global model.
 
-    `shards` skips data preparation with shards made elsewhere (benchmarks, cross-validation).
+    `shards` skips data preparation with shards made elsewhere (benchmarks, cross-validation,
+    sweeps); the run folder records their counts.
     `on_start` learns the run folder before the first round (a sweep's trial reports it).
     """
     import ray
@@ -101,7 +113,10 @@ def run(config: ExperimentConfig, *, output_dir: Path | None = None, resume: Pat
     log(f"run folder: {run_dir}")
     if on_start:
         on_start(run_dir)
-    shards = shards or prepare_data(config, run_dir, log)
+    if shards is None:
+        shards = prepare_data(config, run_dir, log)
+    else:
+        record_shards(shards, run_dir)
     runtime.init_ray(config.runtime)
     coordinator = runtime.launch_coordinator(config, run_dir, shards, resume=resume is not None)
     try:

@@ -17,6 +17,7 @@ import shutil
 import tempfile
 import time
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,6 +31,7 @@ if TYPE_CHECKING:  # torch loads only when a package is made or used, not for th
 FORMAT = "fedray-model-package"
 FORMAT_VERSION = 1
 CARD = "card.json"
+CARD_MD = "card.md"
 WEIGHTS = "model.safetensors"
 SCRIPTED = "model.ts"
 CONFIG = "config.yaml"
@@ -165,21 +167,50 @@ def _build_eager(folder: Path, card: dict) -> nn.Module:
 # --------------------------------------------------------------------------- export
 
 
-def _source_run(source: Path) -> Path:
-    """The run folder to export: the folder itself, or the best trial a sweep's best.json names."""
-    source = Path(source).expanduser().resolve()
-    if not source.exists():
-        raise PackageError(f"{source}: no such run folder")
-    best = source / "best.json"
-    if not (source / CONFIG).is_file() and best.is_file():
+def _is_uri(location: str) -> bool:
+    return "://" in location
+
+
+def _filesystem(uri: str) -> tuple[Any, str]:
+    """pyarrow's filesystem for a URI (s3://, gs://, ...) and the path in it."""
+    import pyarrow.fs as pafs
+
+    return pafs.FileSystem.from_uri(uri)
+
+
+def _read(location: str) -> bytes | None:
+    """A small file at a local path or URI (s3://...); None when it cannot be read."""
+    if not _is_uri(location):
+        return Path(location).read_bytes() if Path(location).is_file() else None
+    try:
+        filesystem, path = _filesystem(location)
+        with filesystem.open_input_stream(path) as fh:
+            return fh.read()
+    except (OSError, ValueError):  # missing, unknown scheme, no credentials
+        return None
+
+
+def _source_run(source: str | Path) -> tuple[Path, Path | None]:
+    """The run folder to export, local or a URI: the folder itself, or the best trial a sweep's
+    best.json names (a path, relative to the sweep, or the URI of a sweep on remote storage).
+    Returned as `_localise` does: a remote run is downloaded, only that run."""
+    text = str(source)
+    if not _is_uri(text):
+        local = Path(text).expanduser().resolve()
+        if not local.exists():
+            raise PackageError(f"{local}: no such run folder")
+        text = str(local)
+    best = _read(f"{text}/best.json")
+    if _read(f"{text}/{CONFIG}") is None and best is not None:
         try:
-            run_dir = Path(json.loads(best.read_text())["run_dir"])
+            run_dir = str(json.loads(best)["run_dir"])
         except (KeyError, ValueError) as exc:
-            raise PackageError(f"{best}: no 'run_dir' of the best trial ({exc})") from exc
-        source = run_dir if run_dir.is_absolute() else source / run_dir
-    if not (source / CONFIG).is_file():
-        raise PackageError(f"{source}: not a run folder (no {CONFIG}) and no sweep best.json")
-    return source
+            raise PackageError(f"{text}/best.json: no 'run_dir' of the best trial ({exc})") from exc
+        absolute = _is_uri(run_dir) or Path(run_dir).is_absolute()
+        text = run_dir if absolute else f"{text}/{run_dir}"
+    if _read(f"{text}/{CONFIG}") is None:
+        raise PackageError(f"{text}: not a run folder (no {CONFIG}) and no sweep best.json")
+    return _localise(text)
 
 
 def _epsilons(run_dir: Path) -> dict[str, Any]:
@@ -199,10 +230,14 @@ def _epsilons(run_dir: Path) -> dict[str, Any]:
 
 
 def _data_summary(run_dir: Path) -> dict[str, Any]:
-    shards = run_dir / "data" / "shards.json"
-    if not shards.is_file():
-        return {"note": "shards were made outside the run folder; counts not recorded"}
-    return json.loads(shards.read_text()).get("counts", {})
+    """Images per hospital and split: the run's own shards', or those of the shards it was
+    given (a sweep's, cross-validation's), which experiment.run records."""
+    from fedray.experiment import SHARDS_USED
+
+    for shards in (run_dir / "data" / "shards.json", run_dir / SHARDS_USED):
+        if shards.is_file():
+            return json.loads(shards.read_text()).get("counts", {})
+    return {"note": "shards were made outside the run folder; counts not recorded"}
 
 
 def _script(model: nn.Module, image_size: int, path: Path) -> float:
@@ -259,18 +294,34 @@ def _card_markdown(card: dict) -> str:
               "", "## Provenance", "",
               f"- fedray {card['fedray_version']}, created {card['created']}",
               f"- config SHA-256 `{card['config_sha256']}` ({CONFIG} in this package)",
-              f"- files: " + ", ".join(f"`{k}`" for k in card["files"]), ""]
+              f"- files (SHA-256 of each in {CARD}): "
+              + ", ".join(f"`{k}`" for k in [*card["files"], CARD_MD]), ""]
     return "\n".join(lines)
 
 
-def export_package(source: Path, output: Path, *, name: str | None = None,
+def export_package(source: str | Path, output: Path, *, name: str | None = None,
                    version: str | None = None,
                    formats: tuple[str, ...] = ("torchscript",)) -> Path:
-    """Write the model package of a run (or a sweep's best trial) to `output`; return it.
+    """Write the model package of a run (or a sweep's best trial), a folder or URI, to
+    `output`; return it.
 
     The folder is written under a temporary name and renamed into place, so an interrupted
     export never leaves a package that looks whole.
     """
+    unknown = set(formats) - {"torchscript", "none"}
+    if unknown:
+        raise PackageError(f"unknown export format(s) {sorted(unknown)}: use torchscript or none")
+    run_dir, download = _source_run(source)
+    try:
+        return _write_package(run_dir, Path(output), name=name, version=version,
+                              formats=formats)
+    finally:
+        if download is not None:
+            shutil.rmtree(download, ignore_errors=True)
+
+
+def _write_package(run_dir: Path, output: Path, *, name: str | None, version: str | None,
+                   formats: tuple[str, ...]) -> Path:
     from fedray import __version__
     from fedray.client import input_size
     from fedray.config import load_config
@@ -279,11 +330,7 @@ def export_package(source: Path, output: Path, *, name: str | None = None,
     from fedray.evaluate import run_weights
     import torch
 
-    unknown = set(formats) - {"torchscript", "none"}
-    if unknown:
-        raise PackageError(f"unknown export format(s) {sorted(unknown)}: use torchscript or none")
-    run_dir = _source_run(source)
-    output = Path(output).expanduser().resolve()
+    output = output.expanduser().resolve()
     if output.exists() and any(output.iterdir()):
         raise PackageError(f"{output}: exists and is not empty; choose another --output")
     config = load_config(run_dir / CONFIG)
@@ -335,9 +382,11 @@ def export_package(source: Path, output: Path, *, name: str | None = None,
                                    "torch_version": torch.__version__}
         card["files"] = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
                          for p in sorted(tmp.iterdir())}
+        (tmp / CARD_MD).write_text(_card_markdown(card))  # hashed too: people read this one
+        card["files"][CARD_MD] = {"sha256": sha256_file(tmp / CARD_MD),
+                                  "bytes": (tmp / CARD_MD).stat().st_size}
         card["card_sha256"] = _card_digest(card)
         (tmp / CARD).write_text(json.dumps(card, indent=1))
-        (tmp / "card.md").write_text(_card_markdown(card))
         if output.exists():
             output.rmdir()
         output.parent.mkdir(parents=True, exist_ok=True)
@@ -350,32 +399,44 @@ def export_package(source: Path, output: Path, *, name: str | None = None,
 # --------------------------------------------------------------------------- load and verify
 
 
-def _localise(uri: str | Path) -> Path:
-    """A local folder for a path, file:// URI or pyarrow filesystem URI (s3://, gs://, ...)."""
+def _localise(uri: str | Path) -> tuple[Path, Path | None]:
+    """A local folder for a path, file:// URI or pyarrow filesystem URI (s3://, gs://, ...),
+    and the temporary download that holds it (None for a local folder), for the caller to
+    delete once done."""
     text = str(uri)
-    if "://" not in text:
-        return Path(text).expanduser().resolve()
+    if not _is_uri(text):
+        return Path(text).expanduser().resolve(), None
     if text.startswith("file://"):
-        return Path(text[len("file://"):]).resolve()
+        return Path(text[len("file://"):]).resolve(), None
     import pyarrow.fs as pafs
 
     try:
-        filesystem, root = pafs.FileSystem.from_uri(text)
+        filesystem, root = _filesystem(text)
     except Exception as exc:  # noqa: BLE001 - unknown scheme, missing credentials
         raise PackageError(f"{text}: cannot open this URI ({exc})") from exc
-    local = Path(tempfile.mkdtemp(prefix="fedray-package-"))
+    download = Path(tempfile.mkdtemp(prefix="fedray-package-"))
+    local = download / (root.rstrip("/").rsplit("/", 1)[-1] or "package")  # keeps its name
+    local.mkdir()
     try:
         pafs.copy_files(root, str(local), source_filesystem=filesystem,
                         destination_filesystem=pafs.LocalFileSystem())
     except Exception as exc:  # noqa: BLE001
-        shutil.rmtree(local, ignore_errors=True)
-        raise PackageError(f"{text}: cannot download the package ({exc})") from exc
-    return local
+        shutil.rmtree(download, ignore_errors=True)
+        raise PackageError(f"{text}: cannot download ({exc})") from exc
+    return local, download
 
 
 def verify_package(path: str | Path) -> dict:
     """The card of a complete, untampered package; PackageError naming the first problem."""
-    folder = _localise(path)
+    folder, download = _localise(path)
+    try:
+        return _verify(folder)
+    finally:
+        if download is not None:
+            shutil.rmtree(download, ignore_errors=True)
+
+
+def _verify(folder: Path) -> dict:
     card_path = folder / CARD
     if not folder.is_dir():
         raise PackageError(f"{folder}: no such package folder")
@@ -407,14 +468,29 @@ def verify_package(path: str | Path) -> dict:
 
 def load_package(uri: str | Path, *, verify: bool = True, runtime: str = "pytorch",
                  device: str = "cpu") -> ModelPackage:
-    """Load a package for inference; verification is on unless the caller opts out."""
-    import torch
+    """Load a package for inference; verification is on unless the caller opts out.
 
+    A package given as a remote URI is downloaded to a temporary folder, deleted once the
+    returned package is garbage-collected (its eager_model() reads that folder again)."""
     if runtime not in ("pytorch", "torchscript"):
         raise PackageError(f"runtime {runtime!r}: use 'pytorch' or 'torchscript'")
-    folder = _localise(uri)
+    folder, download = _localise(uri)
+    try:
+        package = _load(folder, verify, runtime, device)
+    except BaseException:
+        if download is not None:
+            shutil.rmtree(download, ignore_errors=True)
+        raise
+    if download is not None:
+        weakref.finalize(package, shutil.rmtree, download, ignore_errors=True)
+    return package
+
+
+def _load(folder: Path, verify: bool, runtime: str, device: str) -> ModelPackage:
+    import torch
+
     if verify:
-        card = verify_package(folder)
+        card = _verify(folder)
     else:
         try:
             card = json.loads((folder / CARD).read_text())
@@ -445,8 +521,9 @@ def is_package(path: Path) -> bool:
 
 def add_cli(sub: argparse._SubParsersAction) -> None:
     exp = sub.add_parser("export", help="a run's (or a sweep's best) model as a verifiable package")
-    exp.add_argument("source", type=Path, metavar="RUN_OR_SWEEP",
-                     help="a run folder, or a sweep folder (its best.json names the best trial)")
+    exp.add_argument("source", metavar="RUN_OR_SWEEP",  # a str: Path would mangle s3://
+                     help="a run folder, or a sweep folder (its best.json names the best "
+                          "trial); local or a URI such as s3://bucket/sweeps/NAME")
     exp.add_argument("--output", type=Path, required=True, help="package folder to create")
     exp.add_argument("--name", help="model name (default: the run's config name)")
     exp.add_argument("--version", help="model version (default: a timestamp)")

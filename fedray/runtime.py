@@ -166,7 +166,8 @@ def bundle_placements(names: list[str], bundles: list[dict[str, float]]) -> dict
             for i, (name, b) in enumerate(zip(names, bundles[1:]))}
 
 
-def _fmt(resources: dict[str, float]) -> str:
+def format_resources(resources: dict[str, float]) -> str:
+    """`{CPU: 2, GPU: 0.5}`: resources as the error messages print them."""
     return "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(resources.items())) + "}"
 
 
@@ -194,15 +195,15 @@ def unplaceable(demands: dict[str, dict[str, float]],
         custom = _custom(demand)
         sites = [n for n in nodes if all(n.get(k, 0.0) >= v for k, v in custom.items())]
         if not sites:
-            problems[name] = (f"hospital {name} requires {_fmt(custom)} on one node, but no "
-                              f"single node advertises all of it (custom resources advertised: "
-                              f"{offered})")
+            problems[name] = (f"hospital {name} requires {format_resources(custom)} on one "
+                              "node, but no single node advertises all of it (custom resources "
+                              f"advertised: {offered})")
             continue
         largest = max(sites, key=lambda n: (n.get("CPU", 0.0), n.get("GPU", 0.0)))
         have = {k: largest.get(k, 0.0) for k in demand}
-        problems[name] = (f"hospital {name} asks one node for {_fmt(demand)}, but the largest "
-                          f"node that could host it has {_fmt(have)}; lower "
-                          "runtime.hospital_num_cpus / hospital_num_gpus")
+        problems[name] = (f"hospital {name} asks one node for {format_resources(demand)}, but "
+                          f"the largest node that could host it has {format_resources(have)}; "
+                          "lower runtime.hospital_num_cpus / hospital_num_gpus")
     return problems
 
 
@@ -277,7 +278,8 @@ class RayPool:
                         f"hospital{'s' if len(late) > 1 else ''} {', '.join(late)} did not start "
                         f"within runtime.start_timeout_s={self.start_timeout_s:g}s; "
                         + "; ".join(f"{n} asks one node for "
-                                    f"{_fmt(self.placements[n].demand())}" for n in late)
+                                    f"{format_resources(self.placements[n].demand())}"
+                                    for n in late)
                         + " (no node with those resources free, or still loading its shard)"
                     ) from None
         except StartupError:

@@ -16,6 +16,7 @@ import json
 import math
 import tempfile
 import time
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,13 @@ from typing import TYPE_CHECKING, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from fedray.config import ConfigError, ExperimentConfig, load_config, parse_override
+from fedray.config import (
+    ConfigError,
+    ExperimentConfig,
+    format_validation_error,
+    load_config,
+    parse_override,
+)
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -39,7 +46,10 @@ class SweepError(ConfigError):
 VAL_KEYS = ("loss", "accuracy", "balanced_accuracy", "macro_f1", "weighted_f1", "roc_auc_macro",
             "kappa")
 METRICS = tuple(f"val_{k}" for k in VAL_KEYS) + ("train_loss",)
-FINAL_KEYS = ("loss", "accuracy", "balanced_accuracy", "macro_f1", "roc_auc_macro", "kappa")
+# What a sweep may rank trials on: a validation metric, which the run's final evaluation of its
+# saved model (the round of lowest validation loss) reports too, as final_val_*.
+RANKED = tuple(f"val_{k}" for k in VAL_KEYS)
+FINAL_KEYS = VAL_KEYS
 
 # A hospital's CPUs in a sweep when runtime.hospital_num_cpus is unset: a trial's share must be
 # fixed before it starts, not "the whole cluster" as in a single run.
@@ -53,6 +63,9 @@ COORDINATOR_MIN_CPUS = 0.01
 SHARD_FIELDS = ("seed", "federation.hospitals", "data.source", "data.path", "data.synth",
                 "data.split", "data.partition", "data.include_segmented", "data.skip_bad")
 FIXED_FIELDS = ("federation.hospitals", "runtime")
+# Fields holding paths: a relative value is the launcher's, made absolute when the sweep loads
+# (trials run in folders of their own).
+PATH_FIELDS = ("data.path", "model.weights_dir")
 
 BASE_FILE, SWEEP_FILE = "base.yaml", "sweep.yaml"
 
@@ -132,9 +145,9 @@ class SweepConfig(_Strict):
 
     @model_validator(mode="after")
     def _searchable(self) -> SweepConfig:
-        if self.metric not in METRICS:
-            raise ValueError(f"metric {self.metric!r} is not reported; choose one of "
-                             f"{', '.join(METRICS)}")
+        if self.metric not in RANKED:
+            raise ValueError(f"metric {self.metric!r} is not reported as a validation metric; "
+                             f"choose one of {', '.join(RANKED)}")
         for key, dim in self.space.items():
             fixed = next((f for f in FIXED_FIELDS if _under(key, f)), None)
             if fixed:
@@ -172,17 +185,6 @@ class Sweep:
         return not any(_under(k, f) for k in self.config.space for f in SHARD_FIELDS)
 
 
-def _format_errors(err: ValidationError, origin: str) -> str:
-    lines = [f"invalid sweep config ({origin}):"]
-    for e in err.errors():
-        where = ".".join(str(p) for p in e["loc"]) or "<root>"
-        if e["type"] == "extra_forbidden":
-            lines.append(f"  {where}: unknown key (see configs/sweep-demo.yaml)")
-        else:
-            lines.append(f"  {where}: {e['msg']} (got {e.get('input')!r})")
-    return "\n".join(lines)
-
-
 def _override(key: str, value: Any) -> str:
     """`key=value` as `--set` reads it back (YAML): 1e-05 stays a float, 'on' a string."""
     if hasattr(value, "item"):  # numpy scalars from Tune's samplers
@@ -211,11 +213,13 @@ def load_sweep(path: Path, overrides: list[str] | None = None) -> Sweep:
     try:
         config = SweepConfig.model_validate(_read_yaml(path))
     except ValidationError as err:
-        raise SweepError(_format_errors(err, str(path))) from None
+        raise SweepError(format_validation_error(err, f"invalid sweep config ({path})",
+                                                 "see configs/sweep-demo.yaml")) from None
     base_path = config.base if config.base.is_absolute() else path.parent / config.base
     if not base_path.is_file():
         raise SweepError(f"{path}: base: {base_path} not found (relative to the sweep file)")
     config.base = base_path.resolve()
+    _check_space_types(path, config)
     for item in overrides or []:
         keys, value = parse_override(item)
         config.overrides = {**config.overrides, ".".join(keys): value}
@@ -252,6 +256,35 @@ def _absolute_paths(config: ExperimentConfig) -> ExperimentConfig:
     return config
 
 
+def _absolute(value: Any) -> Any:
+    return value if value is None else str(Path(str(value)).expanduser().resolve())
+
+
+def _field_type(key: str) -> Any:
+    """The annotation of the experiment field at a dotted key (None: no such field)."""
+    model: Any = ExperimentConfig
+    annotation = None
+    for part in key.split("."):
+        fields = getattr(model, "model_fields", None)
+        if not fields or part not in fields:
+            return None
+        model = annotation = fields[part].annotation
+    return annotation
+
+
+def _check_space_types(path: Path, config: SweepConfig) -> None:
+    """Path values become absolute, as the base's do; a continuous range on a whole-number
+    field is refused: its ends may be whole, but the values sampled between them are not."""
+    for key, dim in config.space.items():
+        if key in PATH_FIELDS and dim.discrete:
+            setattr(dim, dim.kind, [_absolute(v) for v in getattr(dim, dim.kind)])
+        annotation = _field_type(key)
+        types = set(typing.get_args(annotation)) or {annotation}
+        if not dim.discrete and dim.kind != "randint" and int in types and float not in types:
+            raise SweepError(f"{path}: space.{key}: takes whole numbers, but {dim.kind} samples "
+                             "fractions; use randint [low, high] or a grid / choice list")
+
+
 def _check_backbones(config: SweepConfig, base: ExperimentConfig) -> None:
     from fedray.models import BACKBONES, available_backbones
 
@@ -284,28 +317,41 @@ def trial_resources(config: ExperimentConfig) -> list[dict[str, float]]:
     return [{k: float(v) for k, v in b.items() if v > 0} for b in [coordinator, *hospitals]]
 
 
-def _fmt(resources: dict[str, float]) -> str:
-    return "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(resources.items())) + "}"
-
-
 def unplaceable_trial(bundles: list[dict[str, float]],
                       nodes: list[dict[str, float]]) -> str | None:
-    """Why no trial could ever start on these nodes (None: one fits). Tune would wait forever."""
-    for i, bundle in enumerate(bundles):
-        if not any(all(n.get(k, 0.0) >= v for k, v in bundle.items()) for n in nodes):
-            who = "the coordinator's bundle" if i == 0 else f"hospital {i}'s bundle"
-            return (f"{who} {_fmt(bundle)} fits no node of the cluster; lower "
-                    "runtime.hospital_num_cpus / hospital_num_gpus (coordinator_num_*)")
+    """Why no trial could ever start on nodes of these shapes (None: each bundle fits a node).
+
+    The bundles of a placement group may sit on different nodes, so each is checked on its own;
+    that they fit the cluster together is `trial_outgrows_cluster`'s warning, since an
+    autoscaling cluster adds nodes for them. Tune would wait forever on a bundle no node fits.
+    """
+    from fedray.data.partition import hospital_names
+    from fedray.runtime import format_resources, unplaceable
+
+    coordinator, hospitals = bundles[0], bundles[1:]
+    if not any(all(n.get(k, 0.0) >= v for k, v in coordinator.items()) for n in nodes):
+        return (f"the coordinator's bundle {format_resources(coordinator)} fits no node of the "
+                "cluster; lower runtime.coordinator_num_cpus / coordinator_num_gpus")
+    problems = unplaceable(dict(zip(hospital_names(len(hospitals)), hospitals)), nodes)
+    return "\n".join(problems.values()) or None
+
+
+def trial_outgrows_cluster(bundles: list[dict[str, float]],
+                           nodes: list[dict[str, float]]) -> str | None:
+    """Why one trial does not fit the cluster as it is now (None: it does), for a warning."""
+    from fedray.runtime import format_resources
+
     need: dict[str, float] = {}
     for bundle in bundles:
         for k, v in bundle.items():
             need[k] = need.get(k, 0.0) + v
     have = {k: sum(n.get(k, 0.0) for n in nodes) for k in need}
-    if any(have[k] + 1e-9 < v for k, v in need.items()):
-        return (f"one trial reserves {_fmt(need)} (its coordinator and {len(bundles) - 1} "
-                f"hospitals), but the whole cluster has {_fmt(have)}; lower "
-                "runtime.hospital_num_cpus / hospital_num_gpus")
-    return None
+    if all(have[k] + 1e-9 >= v for k, v in need.items()):
+        return None
+    return (f"one trial reserves {format_resources(need)} (its coordinator and "
+            f"{len(bundles) - 1} hospitals), but the cluster has {format_resources(have)} now: "
+            "trials wait until an autoscaler adds nodes, and on a fixed cluster never start "
+            "(lower runtime.hospital_num_cpus / hospital_num_gpus)")
 
 
 # ---------------------------------------------------------------- one trial
@@ -355,6 +401,25 @@ def last_run(folder: Path) -> Path | None:
     return max(runs, key=lambda p: p.stat().st_mtime) if runs else None
 
 
+def fetch_last_run(uploaded: str, into: Path) -> Path | None:
+    """With remote storage: the run folder a trial uploaded before an interruption, downloaded
+    into `into` (its new working directory: Tune restores checkpoints, not a trial's files)."""
+    from pyarrow import fs
+
+    filesystem, root = fs.FileSystem.from_uri(uploaded)
+    found = filesystem.get_file_info(fs.FileSelector(root, allow_not_found=True))
+    configs = filesystem.get_file_info([f"{d.path}/config.yaml" for d in found
+                                        if d.type == fs.FileType.Directory])
+    runs = [c for c in configs if c.type == fs.FileType.File]
+    if not runs:
+        return None
+    newest = max(runs, key=lambda c: (c.mtime_ns or 0, c.path)).path.rsplit("/", 2)[-2]
+    local = into / newest
+    fs.copy_files(f"{root}/{newest}", str(local), source_filesystem=filesystem,
+                  destination_filesystem=fs.LocalFileSystem())
+    return local
+
+
 def _is_uri(location: str) -> bool:
     return "://" in location
 
@@ -365,8 +430,9 @@ def run_trial(params: dict[str, Any], *, base_yaml: str, sweep_dir: str,
     end (or until ASHA stops it) in the trial's folder, each round reported to Tune.
 
     A trial that was interrupted continues its own run folder from the last completed round.
-    With remote storage the run folder is written in the trial's working directory and Tune
-    uploads it into the trial's folder (sync_artifacts).
+    With remote storage the run folder is written in the trial's working directory (where Tune
+    runs it), which Tune uploads into the trial's folder (sync_artifacts); the run folder it
+    reports is that upload's URI.
     """
     from ray import tune
 
@@ -377,9 +443,15 @@ def run_trial(params: dict[str, Any], *, base_yaml: str, sweep_dir: str,
     config = trial_config(base_yaml, params)
     folder = trial_folder(context.get_trial_id())
     if _is_uri(sweep_dir):  # Tune uploads the working directory into the trial's folder
-        output, uploaded = Path(context.get_trial_dir()), f"{sweep_dir}/{folder}"
+        output, uploaded = Path.cwd(), f"{sweep_dir}/{folder}"
+        resume = last_run(output) or fetch_last_run(uploaded, output)
     else:
         output, uploaded = Path(sweep_dir) / folder, None
+        resume = last_run(output)
+    if shard_root and not (Path(shard_root) / "shards.json").is_file():
+        raise SweepError(f"the sweep's shards ({shard_root}) are not on this node: a local sweep "
+                         "folder must be on storage every node mounts; or give --output-dir a "
+                         "URI (s3://...), and each trial makes its own shards")
     state: dict[str, Any] = {}
 
     def on_start(run_dir: Path) -> None:
@@ -393,7 +465,7 @@ def run_trial(params: dict[str, Any], *, base_yaml: str, sweep_dir: str,
         else:
             tune.report(metrics)
 
-    result = experiment.run(config, output_dir=output, resume=last_run(output),
+    result = experiment.run(config, output_dir=output, resume=resume,
                             on_start=on_start, on_round=on_round,
                             shards=ShardSet.load(Path(shard_root)) if shard_root else None)
     if "last" in state:
@@ -403,10 +475,12 @@ def run_trial(params: dict[str, Any], *, base_yaml: str, sweep_dir: str,
 
 
 def final_metrics(final: dict) -> dict[str, float]:
-    """The run's final evaluation (its best model on val and test), flat for Tune."""
-    return {f"final_{split}_{k}": math.nan if final[split].get(k) is None
-            else float(final[split][k])
-            for split in ("val", "test") if split in final for k in FINAL_KEYS}
+    """The run's final evaluation (its saved model on val and test), flat for Tune, with the
+    round that model is from."""
+    return {"final_round": final.get("best_round", math.nan),
+            **{f"final_{split}_{k}": math.nan if final[split].get(k) is None
+               else float(final[split][k])
+               for split in ("val", "test") if split in final for k in FINAL_KEYS}}
 
 
 # ---------------------------------------------------------------- the sweep
@@ -511,8 +585,10 @@ def _get(location: str) -> bytes | None:
 
 
 def _shared_shards(sweep: Sweep, folder: str, log: Callable[[str], None]) -> str | None:
-    """One set of shards for every trial (same split, same partition), made once, when the
-    space leaves them alone and the sweep folder is local (trials read it from there)."""
+    """One set of shards for every trial (same split, same partition), made once in the sweep
+    folder, when the space leaves them alone and that folder is local: trials on other nodes
+    read it there, so it must be storage they all mount. With remote storage (a URI) each
+    trial makes its own shards in its run folder."""
     if not sweep.shares_shards() or _is_uri(folder):
         return None
     from fedray import experiment
@@ -537,9 +613,13 @@ def run_sweep(sweep: Sweep, *, output_dir: str | Path | None = None, verbose: in
 
     storage = resolve_storage(output_dir if output_dir is not None else sweep.config.storage)
     runtime.init_ray(sweep.base.runtime)
-    problem = unplaceable_trial(trial_resources(sweep.base), runtime.live_nodes())
+    bundles, nodes = trial_resources(sweep.base), runtime.live_nodes()
+    problem = unplaceable_trial(bundles, nodes)
     if problem:
         raise SweepError(problem)
+    short = trial_outgrows_cluster(bundles, nodes)
+    if short:
+        log(f"warning: {short}")
     folder = _new_folder(storage, sweep.config.name)
     log(f"sweep folder: {folder}")
     record = sweep.config.model_dump(mode="json", exclude_none=True)
@@ -597,9 +677,19 @@ def _history(frame: pd.DataFrame | None) -> list[dict]:
     return frame.sort_values("round").to_dict("records")
 
 
-def _best(history: list[dict], metric: str, mode: str) -> tuple[int | None, float | None]:
-    scored = [(h[metric], int(h["round"])) for h in history
-              if h.get(metric) is not None and not math.isnan(h[metric])]
+def _number(value: Any) -> Any:
+    """None for a missing value (None or NaN), else the value."""
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
+
+
+def ranked_on(config: SweepConfig) -> str:
+    """The column trials are ranked on: the sweep's metric of the model each run saved."""
+    return f"final_{config.metric}"
+
+
+def _peak(history: list[dict], metric: str, mode: str) -> tuple[int | None, float | None]:
+    """The best value of the metric in any round, and its round."""
+    scored = [(h[metric], int(h["round"])) for h in history if _number(h.get(metric)) is not None]
     if not scored:
         return None, None
     pick = max if mode == "max" else min
@@ -610,22 +700,27 @@ def _best(history: list[dict], metric: str, mode: str) -> tuple[int | None, floa
 def trial_row(trial_id: str, params: dict, history: list[dict], final: dict | None,
               error: str | None, config: SweepConfig) -> dict:
     """One row of the results table, from what a trial reported and its final evaluation
-    (`final_metrics` of the run; None when the trial stopped early or failed)."""
-    best_round, best_value = _best(history, config.metric, config.mode)
+    (`final_metrics` of the run; None when the trial stopped early or failed).
+
+    Trials rank on final_<metric>: the metric of the model the run saved (the round of lowest
+    validation loss, `saved_round`), which is what `fedray export` packages. peak_<metric> is
+    the metric's best value in any round (`peak_round`), the only score of a stopped trial.
+    """
+    peak_round, peak_value = _peak(history, config.metric, config.mode)
     last = history[-1] if history else {}
-    eps = [h["epsilon_max"] for h in history
-           if h.get("epsilon_max") is not None and not math.isnan(h["epsilon_max"])]
+    eps = [h["epsilon_max"] for h in history if _number(h.get("epsilon_max")) is not None]
     status = "error" if error else "completed" if final else "stopped" if history else "not run"
-    row = {"trial_id": trial_id, "status": status,
-           **{key: params.get(key) for key in config.space},
-           "rounds": int(last["round"]) if last else 0,
-           "best_round": best_round, f"best_{config.metric}": best_value}
-    row.update({f"final_{split}_{k}": (final or {}).get(f"final_{split}_{k}")
-                for split in ("val", "test") for k in FINAL_KEYS})
-    row.update({"epsilon_max": max(eps) if eps else None,
-                "seconds": last.get("time_total_s"), "run_dir": last.get("run_dir"),
-                "error": error})
-    return row
+    finals = {f"final_{split}_{k}": _number((final or {}).get(f"final_{split}_{k}"))
+              for split in ("val", "test") for k in FINAL_KEYS}
+    saved_round = _number((final or {}).get("final_round"))
+    return {"trial_id": trial_id, "status": status,
+            **{key: params.get(key) for key in config.space},
+            "rounds": int(last["round"]) if last else 0,
+            ranked_on(config): finals.pop(ranked_on(config)),
+            "saved_round": None if saved_round is None else int(saved_round),
+            f"peak_{config.metric}": peak_value, "peak_round": peak_round, **finals,
+            "epsilon_max": max(eps) if eps else None, "seconds": last.get("time_total_s"),
+            "run_dir": last.get("run_dir"), "error": error}
 
 
 def _final(history: list[dict]) -> dict | None:
@@ -634,7 +729,7 @@ def _final(history: list[dict]) -> dict | None:
     if not history:
         return None
     reported = {k: v for k, v in history[-1].items()
-                if k.startswith("final_") and v is not None and not math.isnan(v)}
+                if k.startswith("final_") and _number(v) is not None}
     if reported:
         return reported
     raw = _get(f"{history[-1]['run_dir']}/metrics.json") if history[-1].get("run_dir") else None
@@ -691,9 +786,10 @@ def summarize(folder: str, grid: Any, sweep: Sweep,
                                               for k in c.space)
             curves[label] = (history, row["status"])
     table = pd.DataFrame(rows)
-    if not table.empty:
-        table = table.sort_values([f"best_{c.metric}", "trial_id"],
-                                  ascending=[c.mode == "min", True], na_position="last")
+    if not table.empty:  # finished trials by their saved model, then stopped ones by their peak
+        table = table.sort_values([ranked_on(c), f"peak_{c.metric}", "trial_id"],
+                                  ascending=[c.mode == "min", c.mode == "min", True],
+                                  na_position="last")
     _put(folder, "results.csv", table.to_csv(index=False).encode())
     buffer = io.BytesIO()
     pq.write_table(_arrow(table), buffer)
@@ -707,8 +803,8 @@ def summarize(folder: str, grid: Any, sweep: Sweep,
         if row["error"]:
             log(f"trial {row['trial_id']} failed: {row['error']}")
     if best:
-        log(f"best: trial {best['trial_id']} {c.metric} {best['value']:.4f} at round "
-            f"{best['round']}; run folder {best['run_dir']}")
+        log(f"best: trial {best['trial_id']} {best['ranked_on']} {best['value']:.4f} (the model "
+            f"of round {best['round']}); run folder {best['run_dir']}")
     log(f"results: {folder}/results.csv, results.parquet, curves.png"
         + (", best.json" if best else ""))
     return SweepResult(folder, table, best)
@@ -719,10 +815,9 @@ def _console_table(table: pd.DataFrame, folder: str, config: SweepConfig) -> str
     if table.empty:
         return "no trials"
     name = config.metric.removeprefix("val_")
-    name = name if name in FINAL_KEYS else "balanced_accuracy"
-    columns = ["trial_id", "status", *config.space, "rounds", "best_round",
-               f"best_{config.metric}", f"final_val_{name}", f"final_test_{name}",
-               "epsilon_max", "seconds", "run_dir"]
+    columns = ["trial_id", "status", *config.space, "rounds", ranked_on(config), "saved_round",
+               f"final_test_{name}", f"peak_{config.metric}", "peak_round", "epsilon_max",
+               "seconds", "run_dir"]
     shown = table[columns].copy()
     shown["run_dir"] = [str(r).removeprefix(folder + "/") if isinstance(r, str) else r
                         for r in shown["run_dir"]]
@@ -730,18 +825,20 @@ def _console_table(table: pd.DataFrame, folder: str, config: SweepConfig) -> str
 
 
 def best_trial(rows: list[dict], config: SweepConfig) -> dict | None:
-    """The trial with the best reported metric, among completed trials (they have a final
-    model to export) when there are any."""
-    key = f"best_{config.metric}"
-    scored = [r for r in rows if r[key] is not None]
-    pool = [r for r in scored if r["status"] == "completed"] or scored
-    if not pool:
-        return None
+    """The trial whose saved model scores best on the sweep's metric (its final validation
+    evaluation); when no trial finished, the stopped one with the best value in any round
+    (`ranked_on` says which)."""
     pick = max if config.mode == "max" else min
-    row = pick(pool, key=lambda r: r[key])
-    return {"trial_id": row["trial_id"], "run_dir": row["run_dir"], "status": row["status"],
-            "metric": config.metric, "mode": config.mode, "value": row[key],
-            "round": row["best_round"], "params": {k: row[k] for k in config.space}}
+    for key, round_key in ((ranked_on(config), "saved_round"),
+                           (f"peak_{config.metric}", "peak_round")):
+        pool = [r for r in rows if _number(r[key]) is not None]
+        if pool:
+            row = pick(pool, key=lambda r: r[key])
+            return {"trial_id": row["trial_id"], "run_dir": row["run_dir"],
+                    "status": row["status"], "metric": config.metric, "mode": config.mode,
+                    "ranked_on": key, "value": row[key], "round": row[round_key],
+                    "params": {k: row[k] for k in config.space}}
+    return None
 
 
 # ---------------------------------------------------------------- the command line

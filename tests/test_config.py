@@ -7,10 +7,21 @@ from fedray.config import ConfigError, ExperimentConfig, load_config
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
+CONFIGS = sorted(p.name for p in (ROOT / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", [n for n in CONFIGS if not n.startswith("sweep-")])
 def test_shipped_configs_validate(name: str) -> None:
     config = load_config(ROOT / "configs" / name)
     assert isinstance(config, ExperimentConfig)
+
+
+@pytest.mark.parametrize("name", [n for n in CONFIGS if n.startswith("sweep-")])
+def test_shipped_sweeps_validate(name: str) -> None:
+    from fedray.tune import load_sweep
+
+    sweep = load_sweep(ROOT / "configs" / name)
+    assert isinstance(sweep.base, ExperimentConfig) and sweep.config.space
 
 
 def test_paper_recipe_values() -> None:

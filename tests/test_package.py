@@ -121,6 +121,7 @@ def test_dp_run_card_reports_epsilon(tmp_path, shard_dir):
     ("edit_card", "card.json"),
     ("remove_card", "card.json"),
     ("edit_config", "config.yaml"),
+    ("edit_markdown", "card.md"),
 ])
 def test_tampered_or_incomplete_package_is_refused(package, tmp_path, damage, culprit):
     copy = _fresh_copy(package, tmp_path)
@@ -142,6 +143,9 @@ def test_tampered_or_incomplete_package_is_refused(package, tmp_path, damage, cu
     elif damage == "edit_config":
         with open(copy / "config.yaml", "a") as fh:
             fh.write("# edited\n")
+    elif damage == "edit_markdown":
+        text = (copy / "card.md").read_text()
+        (copy / "card.md").write_text(text.replace("Benign", "Malignant"))
     with pytest.raises(PackageError, match=culprit):
         load_package(copy)
     assert cli.main(["verify", str(copy)]) == 2
@@ -154,6 +158,46 @@ def test_load_by_file_uri_and_explain_reads_packages(package):
     assert pkg.model_hash == verify_package(package)["files"]["model.safetensors"]["sha256"]
     loaded = load_model(package)
     assert loaded.backbone == "smallcnn" and loaded.image_size == 32
+
+
+def test_remote_packages_and_runs_are_downloaded_then_deleted(trained_run, package, tmp_path,
+                                                              monkeypatch):
+    import gc
+    import tempfile
+
+    import pyarrow.fs as pafs
+
+    from fedray import package as packages
+
+    def bucket_filesystem(uri: str):  # s3://bucket/... served from a local folder
+        assert uri.startswith("s3://bucket/"), uri
+        return pafs.LocalFileSystem(), str(bucket / uri.removeprefix("s3://bucket/"))
+
+    bucket, downloads = tmp_path / "bucket", tmp_path / "downloads"
+    downloads.mkdir()
+    shutil.copytree(package, bucket / "models" / "pkg")
+    shutil.copytree(trained_run, bucket / "sweep" / "trial_0" / "run")
+    (bucket / "sweep" / "best.json").write_text(json.dumps(
+        {"run_dir": "s3://bucket/sweep/trial_0/run"}))
+    monkeypatch.setattr(packages, "_filesystem", bucket_filesystem)
+    monkeypatch.setattr(tempfile, "tempdir", str(downloads))
+
+    assert verify_package("s3://bucket/models/pkg")["name"] == "smear"
+    assert not any(downloads.iterdir())  # verified, then deleted
+    pkg = load_package("s3://bucket/models/pkg", runtime="torchscript")
+    assert pkg.path.name == "pkg" and pkg.path.is_relative_to(downloads)
+    assert pkg.eager_model() is not None  # reads the download again: kept while pkg lives
+    del pkg
+    gc.collect()
+    assert not any(downloads.iterdir())
+    (bucket / "models" / "pkg" / "config.yaml").write_text("edited: true\n")
+    with pytest.raises(PackageError, match="config.yaml: SHA-256 differs"):
+        load_package("s3://bucket/models/pkg")
+    assert not any(downloads.iterdir())  # refused, and deleted all the same
+
+    card = verify_package(export_package("s3://bucket/sweep", tmp_path / "best", formats=()))
+    assert card["source_run"] == "run" and "hospital_a" in card["data"]
+    assert not any(downloads.iterdir())  # only the best run was fetched, and it is gone
 
 
 def test_export_errors_name_what_is_wrong(trained_run, package, tmp_path):

@@ -71,15 +71,24 @@ def test_inside_a_placement_group_hospital_i_takes_bundle_i_plus_1() -> None:
         runtime.bundle_placements(["hospital_a", "hospital_b"], bundles[:2])
 
 
-def test_a_trial_too_big_for_the_cluster_is_refused_up_front() -> None:
+def test_a_bundle_no_node_holds_is_refused_and_a_trial_beyond_the_cluster_warned() -> None:
+    """Each bundle must fit some node's shape, or Tune waits forever; that the bundles fit the
+    cluster together is only a warning, since an autoscaler adds nodes for waiting trials."""
     nodes = [{"CPU": 2.0}, {"CPU": 2.0, "GPU": 1.0}]
-    assert sweeps.unplaceable_trial([{"CPU": 0.01}, {"CPU": 2.0}, {"CPU": 1.5}], nodes) is None
+    fits = [{"CPU": 0.01}, {"CPU": 2.0}, {"CPU": 1.5}]
+    assert sweeps.unplaceable_trial(fits, nodes) is None
+    assert sweeps.trial_outgrows_cluster(fits, nodes) is None
     too_big = sweeps.unplaceable_trial([{"CPU": 0.01}, {"CPU": 3.0}], nodes)
-    assert "hospital 1's bundle {CPU: 3} fits no node" in too_big
-    too_many = sweeps.unplaceable_trial([{"CPU": 0.01}] + [{"CPU": 1.5}] * 3, nodes)
-    assert "one trial reserves {CPU: 4.51}" in too_many and "has {CPU: 4}" in too_many
-    no_gpu = sweeps.unplaceable_trial([{"CPU": 0.01}, {"CPU": 1, "GPU": 1}] * 2, nodes)
-    assert "GPU" in no_gpu
+    assert "hospital_a asks one node for {CPU: 3}, but the largest node" in too_big
+    coordinator = sweeps.unplaceable_trial([{"CPU": 1.0, "GPU": 2.0}, {"CPU": 1.0}], nodes)
+    assert "the coordinator's bundle {CPU: 1, GPU: 2} fits no node" in coordinator
+    no_gpu = sweeps.unplaceable_trial([{"CPU": 0.01}, {"CPU": 1, "GPU": 1}, {"CPU": 3, "GPU": 1}],
+                                      nodes)
+    assert "hospital_b asks one node for {CPU: 3, GPU: 1}" in no_gpu
+    too_many = [{"CPU": 0.01}] + [{"CPU": 1.5}] * 3
+    assert sweeps.unplaceable_trial(too_many, nodes) is None  # each bundle fits a node
+    warning = sweeps.trial_outgrows_cluster(too_many, nodes)
+    assert "one trial reserves {CPU: 4.51}" in warning and "has {CPU: 4} now" in warning
 
 
 # ---------------------------------------------------------------- the sweep config, pure
@@ -101,6 +110,11 @@ def test_a_trial_too_big_for_the_cluster_is_refused_up_front() -> None:
     ({"search": "grid", "space": {"training.lr": {"uniform": [0.001, 0.1]}}},
      "space.training.lr: search grid takes grid or choice lists, not uniform"),
     ({"metric": "val_f1"}, "metric 'val_f1' is not reported"),
+    ({"metric": "train_loss"}, "metric 'train_loss' is not reported as a validation metric"),
+    ({"space": {"training.local_epochs": {"uniform": [1, 3]}}},
+     "space.training.local_epochs: takes whole numbers, but uniform samples fractions"),
+    ({"space": {"data.image_size": {"loguniform": [32, 64]}}},
+     "space.data.image_size: takes whole numbers, but loguniform samples fractions"),
     ({"asha": {"grace_period": 5}}, "asha.grace_period (5) exceeds the rounds a trial runs (1)"),
     ({"base": "missing.yaml"}, "missing.yaml not found (relative to the sweep file)"),
 ])
@@ -124,10 +138,14 @@ def test_optuna_is_named_when_it_is_not_installed(tmp_path) -> None:
 
 def test_overrides_reach_the_base_and_relative_paths_become_absolute(tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
-    path = _write_sweep(tmp_path, overrides={"federation.rounds": 3})
+    path = _write_sweep(tmp_path, overrides={"federation.rounds": 3},
+                        space={"model.weights_dir": {"grid": ["weights", "/abs/weights", None]}})
     sweep = sweeps.load_sweep(path, ["training.batch_size=16", "data.path=images"])
     assert sweep.base.federation.rounds == 3 and sweep.base.training.batch_size == 16
     assert sweep.base.data.path == tmp_path / "images"
+    # the trial resolves them in its own folder: they are the launcher's, made absolute here
+    assert sweep.config.space["model.weights_dir"].grid == [str(tmp_path / "weights"),
+                                                            "/abs/weights", None]
     assert sweep.config.base == tmp_path / "base.yaml"
     assert sweep.config.overrides["training.batch_size"] == 16  # recorded in sweep.yaml
     assert sweep.max_rounds() == 3 and sweep.shares_shards()
@@ -288,8 +306,9 @@ def test_asha_stops_the_hopeless_trial_at_its_first_rung(asha_sweep) -> None:
     rows = {row["training.lr"]: row for row in result.table.to_dict("records")}
     assert (rows[0.003]["status"], rows[0.003]["rounds"]) == ("completed", 2)
     assert (rows[1.0]["status"], rows[1.0]["rounds"]) == ("stopped", 1)
-    assert rows[1.0]["best_val_loss"] > 100 * rows[0.003]["best_val_loss"]
+    assert rows[1.0]["peak_val_loss"] > 100 * rows[0.003]["peak_val_loss"]
     assert math.isnan(rows[1.0]["final_test_accuracy"])  # stopped: no final evaluation
+    assert math.isnan(rows[1.0]["final_val_loss"]) and math.isnan(rows[1.0]["saved_round"])
     assert 0 <= rows[0.003]["final_test_accuracy"] <= 1
 
 
@@ -299,8 +318,10 @@ def test_the_results_table_files_and_best_trial(asha_sweep) -> None:
     result, lines = asha_sweep
     folder = Path(result.folder)
     table = result.table
-    assert list(table.columns[:6]) == ["trial_id", "status", "training.lr", "rounds",
-                                       "best_round", "best_val_loss"]
+    # ranked on the saved model's final validation loss; the best round's value beside it
+    assert list(table.columns[:8]) == ["trial_id", "status", "training.lr", "rounds",
+                                       "final_val_loss", "saved_round", "peak_val_loss",
+                                       "peak_round"]
     for column in ("final_val_balanced_accuracy", "final_test_accuracy", "epsilon_max",
                    "seconds", "run_dir", "error"):
         assert column in table.columns
@@ -317,23 +338,74 @@ def test_the_results_table_files_and_best_trial(asha_sweep) -> None:
     assert (folder / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     best = json.loads((folder / "best.json").read_text())
     winner = table.iloc[0]
-    assert (best["trial_id"], best["run_dir"], best["metric"]) == (
-        winner["trial_id"], winner["run_dir"], "val_loss")
+    assert (best["trial_id"], best["run_dir"], best["metric"], best["ranked_on"]) == (
+        winner["trial_id"], winner["run_dir"], "val_loss", "final_val_loss")
     assert best["params"] == {"training.lr": 0.003}
+    saved = json.loads((Path(best["run_dir"]) / "metrics.json").read_text())
+    assert (best["value"], best["round"]) == (saved["val"]["loss"], saved["best_round"])
     assert (Path(best["run_dir"]) / "model.safetensors").is_file()  # ready for export
     assert any(line.startswith("best: trial " + best["trial_id"]) for line in lines)
-    saved = yaml.safe_load((folder / "sweep.yaml").read_text())
-    assert saved["space"] == {"training.lr": {"grid": [0.003, 1.0]}}
-    assert saved["base"] == str(folder.parents[1] / "base.yaml")  # resolved, for the record
+    record = yaml.safe_load((folder / "sweep.yaml").read_text())
+    assert record["space"] == {"training.lr": {"grid": [0.003, 1.0]}}
+    assert record["base"] == str(folder.parents[1] / "base.yaml")  # resolved, for the record
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_the_best_trials_package_counts_the_sweeps_shards(asha_sweep, tmp_path) -> None:
+    """The trials trained on shards the sweep made once; the exported card still has the
+    images per hospital and split, and they are the sweep's shards' counts."""
+    from fedray.data.shards import ShardSet
+    from fedray.package import export_package, verify_package
+
+    result, _ = asha_sweep
+    card = verify_package(export_package(result.folder, tmp_path / "pkg", formats=()))
+    counts = ShardSet.load(Path(result.folder) / "data").counts
+    assert card["data"] == counts and {"hospital_a", "hospital_b", "test"} <= set(counts)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_on_remote_storage_run_folders_are_uploaded_and_exported_by_uri(
+        ray_session, tmp_path) -> None:
+    """Storage given as a URI (file:// here, s3:// on a cluster): each trial runs in its
+    working directory, which Tune uploads, so the run folders it reports (best.json's too)
+    are URIs into the storage; `fedray export` takes the sweep's URI; a trial resumed on a
+    fresh working directory fetches its run folder back."""
+    from fedray.package import verify_package
+
+    _write_base(tmp_path)
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump({
+        "name": "remote", "base": "base.yaml", "space": {"training.lr": {"grid": [0.003]}},
+        "asha": {"enabled": False}}))
+    storage = f"file://{tmp_path / 'bucket'}"
+    result = sweeps.run_sweep(sweeps.load_sweep(tmp_path / "sweep.yaml"), output_dir=storage,
+                              verbose=0, log=lambda _: None)
+    assert result.folder.startswith(f"{storage}/remote-")
+    best = json.loads(Path(result.folder.removeprefix("file://"), "best.json").read_text())
+    uploaded = f"{result.folder}/trial_{best['trial_id']}"
+    assert best["status"] == "completed" and best["run_dir"].startswith(uploaded + "/")
+    run = Path(best["run_dir"].removeprefix("file://"))
+    assert (run / "model.safetensors").is_file()
+    assert (run / "data" / "shards.json").is_file()  # the trial's own shards, uploaded with it
+    assert cli.main(["export", result.folder, "--output", str(tmp_path / "pkg")]) == 0
+    card = verify_package(tmp_path / "pkg")
+    assert card["source_run"] == run.name and "hospital_a" in card["data"]
+    workdir = tmp_path / "workdir"
+    workdir.mkdir()
+    fetched = sweeps.fetch_last_run(uploaded, workdir)
+    assert fetched == workdir / run.name
+    assert (fetched / "metrics.jsonl").read_bytes() == (run / "metrics.jsonl").read_bytes()
+    assert sweeps.fetch_last_run(f"{result.folder}/trial_none", workdir) is None
 
 
 @pytest.mark.ray
 @pytest.mark.slow
 def test_a_resumed_sweep_reruns_only_the_trial_that_did_not_finish(
         ray_session, tmp_path, capsys) -> None:
-    """One site's image folder is missing, so its trial fails while the other trial runs
-    beside it. Once the folder exists, `fedray tune --resume` runs just that trial, and it
-    continues its own run folder."""
+    """One site's image folder is missing, so its trial fails and the other completes. Once the
+    folder exists, `fedray tune --resume` runs just that trial, continuing its own run folder,
+    and leaves the completed trial as it was."""
     from fedray.data import synth
 
     images = synth.generate(n=240, size=32, seed=3, patients_per_class=6)
@@ -352,16 +424,14 @@ def test_a_resumed_sweep_reruns_only_the_trial_that_did_not_finish(
     assert list(first.loc[[ready, late], "status"]) == ["completed", "error"]
     assert late in first.loc[late, "error"]
     done = Path(first.loc[ready, "run_dir"])
-    finished_at = (done / "metrics.json").stat().st_mtime_ns
+    finished = {p: p.stat().st_mtime_ns for p in done.rglob("*") if p.is_file()}
     (failed,) = (p.parent for p in folder.glob("trial_*/*/config.yaml") if p.parent != done)
-    # side by side: the second trial started before the first one finished
-    assert (failed / "config.yaml").stat().st_mtime_ns < finished_at
 
     synth.write_folder(images, Path(late))
     assert cli.main(["tune", "--resume", str(folder)]) == 0
     after = pd.read_csv(folder / "results.csv").set_index("data.path")
     assert list(after.loc[[ready, late], "status"]) == ["completed", "completed"]
-    assert (done / "metrics.json").stat().st_mtime_ns == finished_at  # not rerun
+    assert {p: p.stat().st_mtime_ns for p in done.rglob("*") if p.is_file()} == finished
     assert after.loc[ready, "run_dir"] == str(done)
     assert after.loc[late, "run_dir"] == str(failed)  # the same run folder, continued
     assert len(list(folder.glob("trial_*/*/config.yaml"))) == 2
