@@ -6,13 +6,17 @@ time the same as trained ones), a package is exported from a hand-made run folde
                batches of max_batch_size, torch on every core
   batched      16 concurrent HTTP clients, POST /v1/predict (raw PNG), the Serve application of
                fedray.serving (Ingress + Model with @serve.batch)
+  batch route  the same application and clients, POST /v1/predict/batch with 16 images per
+               request (multipart): images per second
   unbatched    the same application with max_batch_size 1: one forward pass per request
   latency      one client, one image at a time: p50 and p99 milliseconds
 Clients, proxy, Ingress and Model share this machine's cores, so on a small machine the HTTP
 figures carry the clients' and the proxy's CPU too. Writes benchmarks/results/serve.json:
-{"models": {name: {"limit_img_s", "batched_img_s", "ratio_batched", ...}}, ...}.
+{"models": {name: {"limit_img_s", "batched_img_s", "ratio_batched", "batch_route_img_s",
+"ratio_batch_route", ...}}, ...}.
 
-    python benchmarks/serve.py [--seconds 10] [--clients 16] [--models resnet18 smallcnn]
+    python benchmarks/serve.py [--seconds 10] [--clients 16] [--images-per-request 16]
+                               [--models resnet18 smallcnn]
 """
 
 from __future__ import annotations
@@ -70,21 +74,30 @@ def limit_throughput(package_dir: Path, images: list[np.ndarray], batch: int,
     return done / (time.perf_counter() - start)
 
 
-def http_throughput(url: str, bodies: list[bytes], clients: int, seconds: float) -> float:
-    """Successful predictions per second from `clients` threads posting for `seconds`."""
+def http_throughput(url: str, bodies: list[bytes], clients: int, seconds: float,
+                    per_request: int = 1) -> float:
+    """Images per second answered by `clients` threads posting for `seconds`: each request one
+    raw PNG (per_request 1) or `per_request` PNGs as multipart `files` (/v1/predict/batch)."""
     counts, failures, stop = [0] * clients, [], threading.Event()
+
+    def post(session: requests.Session, i: int) -> requests.Response:
+        if per_request == 1:
+            return session.post(url, data=bodies[i % len(bodies)],
+                                headers={"Content-Type": "image/png"}, timeout=60)
+        files = [("files", (f"{j}.png", bodies[(i + j) % len(bodies)], "image/png"))
+                 for j in range(per_request)]
+        return session.post(url, files=files, timeout=120)
 
     def client(k: int) -> None:
         with requests.Session() as session:
-            i = k
+            i = k * per_request
             while not stop.is_set():
-                r = session.post(url, data=bodies[i % len(bodies)],
-                                 headers={"Content-Type": "image/png"}, timeout=60)
+                r = post(session, i)
                 if r.status_code == 200:
-                    counts[k] += 1
+                    counts[k] += per_request
                 else:
                     failures.append(r.status_code)
-                i += clients
+                i += clients * per_request
 
     threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
     start = time.perf_counter()
@@ -133,6 +146,8 @@ def serve_throughput(package_dir: Path, bodies: list[bytes], args: argparse.Name
         out = {"img_s": http_throughput(url, bodies, args.clients, args.seconds)}
         if latency:
             out.update(latency_ms(url, bodies[0], args.latency_requests))
+            out["batch_route_img_s"] = http_throughput(
+                f"{url}/batch", bodies, args.clients, args.seconds, args.images_per_request)
     finally:
         serve.delete("bench")
     return out
@@ -153,6 +168,8 @@ def main() -> None:
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--batch-wait-timeout-s", type=float, default=0.005)
     parser.add_argument("--latency-requests", type=int, default=200)
+    parser.add_argument("--images-per-request", type=int, default=16,
+                        help="images in each POST /v1/predict/batch (at most max_batch_images)")
     parser.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=False,
                         help="Serve's per-request access log lines (off: as a tuned service)")
     parser.add_argument("--output", type=Path, default=RESULTS / "serve.json")
@@ -180,13 +197,17 @@ def main() -> None:
                 unbatched = serve_throughput(package, bodies, args, 1, port, latency=False)
                 row = {"limit_img_s": limit, "batched_img_s": batched["img_s"],
                        "unbatched_img_s": unbatched["img_s"],
+                       "batch_route_img_s": batched["batch_route_img_s"],
                        "ratio_batched": batched["img_s"] / limit,
                        "ratio_unbatched": unbatched["img_s"] / limit,
+                       "ratio_batch_route": batched["batch_route_img_s"] / limit,
                        "p50_ms": batched["p50_ms"], "p99_ms": batched["p99_ms"]}
                 results[f"{backbone}_{args.size}px"] = row
                 print(f"{backbone} {args.size}px: limit {limit:.0f} img/s; HTTP batched "
                       f"{row['batched_img_s']:.0f} img/s ({row['ratio_batched']:.2f}x), unbatched "
-                      f"{row['unbatched_img_s']:.0f} img/s ({row['ratio_unbatched']:.2f}x); "
+                      f"{row['unbatched_img_s']:.0f} img/s ({row['ratio_unbatched']:.2f}x), "
+                      f"/v1/predict/batch x{args.images_per_request} "
+                      f"{row['batch_route_img_s']:.0f} img/s ({row['ratio_batch_route']:.2f}x); "
                       f"one image p50 {row['p50_ms']:.1f} ms, p99 {row['p99_ms']:.1f} ms")
     finally:
         serve.shutdown()
@@ -194,7 +215,7 @@ def main() -> None:
     result = {"models": results,
               "workload": {k: v for k, v in vars(args).items() if k in (
                   "size", "clients", "seconds", "max_batch_size", "batch_wait_timeout_s",
-                  "latency_requests", "access_log")},
+                  "latency_requests", "images_per_request", "access_log")},
               "cpus": cpus, "machine": platform.machine(), "torch": torch.__version__}
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2))

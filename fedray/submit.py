@@ -2,9 +2,10 @@
 job's exit status. The same entrypoint runs on a laptop's local Ray and on a remote cluster.
 
 Token authentication follows Ray 2.60: the dashboard says whether it wants a token
-(`/api/authentication_mode`, a public endpoint); the token is read where Ray reads it
-(RAY_AUTH_TOKEN, then the file RAY_AUTH_TOKEN_PATH, then ~/.ray/auth_token) and sent as a
-bearer token, so submission does not depend on RAY_AUTH_MODE being set in this shell.
+(`/api/authentication_mode`, a public endpoint); only if it says "token" is the token read
+where Ray reads it (RAY_AUTH_TOKEN, then the file RAY_AUTH_TOKEN_PATH, then ~/.ray/auth_token)
+and sent as a bearer token, so submission does not depend on RAY_AUTH_MODE being set in this
+shell, and a cluster that did not ask for the token never receives it.
 """
 
 from __future__ import annotations
@@ -122,18 +123,16 @@ def cluster_auth_mode(url: str) -> str | None:
 
 
 def auth_headers(url: str) -> tuple[dict[str, str], Token | None]:
-    """The Authorization header the cluster needs (none when its auth is disabled)."""
-    mode = cluster_auth_mode(url)
-    if mode == "disabled":
+    """The Authorization header the cluster needs: the token only to a dashboard that says it
+    uses token auth, so a local token never goes to a cluster that did not ask for it."""
+    if cluster_auth_mode(url) != "token":
         return {}, None
     token, looked = find_token()
     if token is None:
-        if mode == "token":
-            raise SubmitError(
-                f"the Ray cluster at {url} requires an auth token and none was found; looked "
-                f"in {', '.join(looked)}. Copy the head's token (`ray get-auth-token` on the "
-                "head) into ~/.ray/auth_token, or export RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH")
-        return {}, None
+        raise SubmitError(
+            f"the Ray cluster at {url} requires an auth token and none was found; looked "
+            f"in {', '.join(looked)}. Copy the head's token (`ray get-auth-token` on the "
+            "head) into ~/.ray/auth_token, or export RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH")
     return {"Authorization": f"Bearer {token.value}"}, token
 
 
@@ -147,8 +146,12 @@ def connect(address: str | None = None) -> JobSubmissionClient:
     try:
         return JobSubmissionClient(url, headers=headers)
     except AuthenticationError:
+        if token is None:
+            raise SubmitError(f"the Ray cluster at {url} asks for authentication, but its "
+                              "dashboard does not say it uses token auth "
+                              "(/api/authentication_mode), so no token was sent") from None
         raise SubmitError(f"the Ray cluster at {url} rejected the auth token from "
-                          f"{token.source if token else 'nowhere'}; use the head's token "
+                          f"{token.source}; use the head's token "
                           "(`ray get-auth-token` on the head)") from None
     except ConnectionError as exc:
         raise SubmitError(f"cannot reach the Ray Jobs API at {url}: {exc}") from None
@@ -189,7 +192,11 @@ def load_runtime_env(path: Path | None) -> dict[str, Any]:
 
     if not path.is_file():
         raise FileNotFoundError(f"--runtime-env {path}: no such file")
-    loaded = yaml.safe_load(path.read_text()) or {}
+    try:
+        with path.open() as stream:  # a stream, so that the YAML error names the file
+            loaded = yaml.safe_load(stream) or {}
+    except yaml.YAMLError as exc:
+        raise SubmitError(f"--runtime-env {path} is not valid YAML or JSON: {exc}") from None
     if not isinstance(loaded, dict):
         raise SubmitError(f"--runtime-env {path}: expected a mapping (working_dir, pip, "
                           f"env_vars...), got {type(loaded).__name__}")

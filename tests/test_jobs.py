@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -248,6 +249,23 @@ def test_token_lookup_follows_rays_order(tmp_path, monkeypatch):
         submit.find_token()
 
 
+@pytest.mark.parametrize("mode,sent", [("token", True), ("disabled", False), (None, False),
+                                       ("unknown", False)])
+def test_token_goes_only_to_a_dashboard_that_asks_for_it(mode, sent, monkeypatch):
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "local-secret")
+    monkeypatch.setattr(submit, "cluster_auth_mode", lambda url: mode)
+    headers, token = submit.auth_headers("http://head:8265")
+    assert (headers == {"Authorization": "Bearer local-secret"}) is sent
+    assert (token is not None) is sent
+
+
+def test_runtime_env_yaml_error_names_the_file(tmp_path):
+    path = tmp_path / "env.yaml"
+    path.write_text("env_vars: {A: 1\npip: [timm\n")
+    with pytest.raises(SubmitError, match=r"(?s)env\.yaml is not valid YAML.*line 1, column 11"):
+        submit.load_runtime_env(path)
+
+
 def test_upload_leaves_out_venv_runs_and_big_files(tmp_path):
     (tmp_path / "fedray" / "data").mkdir(parents=True)
     (tmp_path / "runs").mkdir()
@@ -288,10 +306,19 @@ def test_ctrl_c_stops_the_job(head):
          f"sleeper-{secrets.token_hex(4)}", "--", "python", "-c",
          "import time; print('sleeping', flush=True); time.sleep(300)"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
+    started = threading.Event()
+
+    def watch() -> None:  # a reader thread, so that waiting for the job's line has a deadline
         for line in waiting.stdout:
             if line.startswith("sleeping"):
-                break
+                started.set()
+                return
+
+    threading.Thread(target=watch, daemon=True).start()
+    try:
+        if not started.wait(timeout=180):
+            waiting.kill()
+            pytest.fail(f"the job printed nothing in 180 s: {waiting.stderr.read()[-2000:]}")
         waiting.send_signal(signal.SIGINT)
         _, err = waiting.communicate(timeout=60)
     finally:
@@ -310,3 +337,47 @@ def test_job_scripts_forward_to_their_subcommand(command, monkeypatch, capsys):
         runpy.run_path(str(ROOT / "jobs" / f"{command}.py"), run_name="__main__")
     assert exc.value.code == 0
     assert capsys.readouterr().out.startswith(f"usage: fedray {command}")
+
+
+def _run_job(command: str, args: list[str], monkeypatch) -> int:
+    """A jobs/ script run as Ray runs it (`python jobs/<command>.py ...`), in this process."""
+    import runpy
+
+    monkeypatch.setattr(sys, "argv", [f"jobs/{command}.py", *args])
+    with pytest.raises(SystemExit) as exc:
+        runpy.run_path(str(ROOT / "jobs" / f"{command}.py"), run_name="__main__")
+    return exc.value.code
+
+
+def test_export_job_packages_a_tiny_run(shard_dir, tmp_path, monkeypatch):
+    from conftest import local_coordinator
+
+    from fedray.package import verify_package
+
+    run_dir = tmp_path / "run"
+    coordinator = local_coordinator(run_dir, shard_dir)
+    (run_dir / "config.yaml").write_text(coordinator.config.to_yaml())
+    while coordinator.run_round() is not None:
+        pass
+    coordinator.finish()
+    assert _run_job("export", [str(run_dir), "--output", str(tmp_path / "pkg")], monkeypatch) == 0
+    card = verify_package(tmp_path / "pkg")
+    assert card["source_run"] == "run" and "model.ts" in card["files"]
+
+
+@pytest.mark.ray
+def test_tune_job_runs_a_one_trial_sweep(ray_session, tmp_path, monkeypatch):
+    import yaml
+    from conftest import tiny_config
+
+    base = tiny_config(tmp_path, **{"runtime.hospital_num_cpus": 0.5})
+    (tmp_path / "base.yaml").write_text(base.to_yaml())
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump({
+        "name": "job", "base": "base.yaml", "space": {"training.lr": {"grid": [0.003]}},
+        "asha": {"enabled": False}}))
+    args = ["--config", str(tmp_path / "sweep.yaml"), "--output-dir", str(tmp_path / "sweeps")]
+    assert _run_job("tune", args, monkeypatch) == 0
+    (folder,) = (tmp_path / "sweeps").iterdir()
+    best = json.loads((folder / "best.json").read_text())
+    assert best["status"] == "completed"
+    assert (Path(best["run_dir"]) / "model.safetensors").is_file()

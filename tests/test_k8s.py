@@ -414,6 +414,31 @@ def test_train_job_places_every_hospital(overlay):
     assert not left, f"{name}: {path} asks for {demands}; the nodes {nodes} cannot hold {left}"
 
 
+def test_tune_job_trial_fits_one_worker_pod_and_keeps_its_sweep(overlay):
+    """One trial of the sweep the job runs fits one worker pod whole (the autoscaler adds pods
+    of that shape as trials wait: fedray.tune refuses only a bundle no node shape holds), and
+    the sweep folder is written on the runs volume, which every pod mounts."""
+    from fedray import tune
+
+    name, docs = overlay
+    (job,) = [d for d in docs if d["kind"] == "RayJob" and d["metadata"]["name"] == "fedray-tune"]
+    words, path, overrides = config_argument(job["spec"]["entrypoint"])
+    sweep = tune.load_sweep(ROOT / path, overrides)
+    bundles = tune.trial_resources(sweep.base)
+    for group in cluster_spec(job)["workerGroupSpecs"]:
+        cpus, gpus = ray_capacity(group)
+        pod = {"CPU": cpus, "GPU": gpus}
+        assert tune.unplaceable_trial(bundles, [pod]) is None, f"{name}: {group['groupName']}"
+        assert tune.trial_outgrows_cluster(bundles, [pod]) is None, \
+            f"{name}: one trial of {path} ({bundles}) does not fit a {group['groupName']} pod {pod}"
+    assert "--output-dir" in words, f"{name}: the sweep would go to {sweep.config.storage}"
+    output = Path(words[words.index("--output-dir") + 1])
+    for spec in (t["spec"] for t in find(cluster_spec(job), "template")):  # the Ray pods
+        runs = [m["mountPath"] for c in spec["containers"] for m in c.get("volumeMounts", [])
+                if m["name"] == "runs" and not m.get("readOnly")]
+        assert any(output.is_relative_to(m) for m in runs), f"{name}: {output} not on {runs}"
+
+
 # --- the Serve application -----------------------------------------------------------------
 
 def _unknown_keys(model, raw: dict, path: str) -> list[str]:
@@ -567,13 +592,20 @@ def test_service_runs_the_app_of_serve_config_yaml():
     assert [d["name"] for d in cluster["deployments"]] == [d["name"] for d in local["deployments"]]
 
 
-def test_service_token_comes_from_a_secret():
-    (service,) = [d for d in base_docs() if d["kind"] == "RayService"]
-    variable = serve_app(serve_config(service))["args"]["auth_token_env"]
+def test_service_fails_closed_without_its_token(overlay):
+    """The service listens on 0.0.0.0: /v1 needs the token, which comes from a required Secret
+    (no Secret, no pods), and the app refuses to start with an empty one (no opt-out)."""
+    name, docs = overlay
+    (service,) = [d for d in docs if d["kind"] == "RayService"]
+    args = serve_app(serve_config(service))["args"]
+    variable = args["auth_token_env"]
+    assert variable and args.get("allow_unauthenticated") is False, name
     for container in containers(service):
         (env,) = [e for e in container.get("env", []) if e["name"] == variable]
         ref = env["valueFrom"]["secretKeyRef"]
-        assert ref["name"] and ref["key"] and ref.get("optional") is True, container["name"]
+        assert ref["name"] and ref["key"], container["name"]
+        assert ref.get("optional", False) is False, f"{name}: {container['name']}'s Secret " \
+            "is optional: a missing Secret would start the service without its token"
 
 
 # --- jobs, volumes, image ------------------------------------------------------------------

@@ -11,16 +11,20 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from typing import TYPE_CHECKING, Literal
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from fedray.config import ConfigError
+from fedray.config import ConfigError, format_validation_error
 
 if TYPE_CHECKING:
     from ray.serve import Application
 
-__all__ = ["ServeArgs", "add_cli", "build_app", "parse_args"]
+__all__ = ["EXPLAIN_METHODS", "ServeArgs", "add_cli", "auth_token", "build_app", "parse_args"]
+
+ExplainMethod = Literal["saliency", "gradcam"]  # the fast ones; fedray explain has more
+EXPLAIN_METHODS: tuple[str, ...] = get_args(ExplainMethod)
 
 
 class ServeArgs(BaseModel):
@@ -37,8 +41,12 @@ class ServeArgs(BaseModel):
     max_pixels: int = Field(4096 * 4096, ge=1, description="largest width x height (bomb guard)")
     max_batch_images: int = Field(32, ge=1, description="most images in one batch request")
     auth_token_env: str | None = Field(
-        None, description="env var holding a bearer token; when set and non-empty, /v1 needs it")
-    explain_method: Literal["saliency", "gradcam"] = "gradcam"
+        None, description="env var holding the bearer token /v1 requires; the Ingress refuses "
+                          "to start while it is unset or empty (see allow_unauthenticated)")
+    allow_unauthenticated: bool = Field(
+        False, description="serve /v1 without a token when auth_token_env's variable is unset "
+                           "or empty, instead of refusing to start (loopback use only)")
+    explain_method: ExplainMethod = "gradcam"
 
 
 def parse_args(args: dict | ServeArgs) -> ServeArgs:
@@ -48,14 +56,27 @@ def parse_args(args: dict | ServeArgs) -> ServeArgs:
     try:
         return ServeArgs.model_validate(args or {})
     except ValidationError as err:
-        lines = ["invalid serve args:"]
-        for e in err.errors():
-            where = ".".join(str(p) for p in e["loc"]) or "<root>"
-            if e["type"] == "extra_forbidden":
-                lines.append(f"  {where}: unknown key; known: {', '.join(ServeArgs.model_fields)}")
-            else:
-                lines.append(f"  {where}: {e['msg']} (got {e.get('input')!r})")
-        raise ConfigError("\n".join(lines)) from None
+        raise ConfigError(format_validation_error(
+            err, "invalid serve args", f"known: {', '.join(ServeArgs.model_fields)}")) from None
+
+
+def auth_token(args: ServeArgs, environ: dict[str, str] | None = None) -> str | None:
+    """The bearer token /v1 requires, or None when it requires none.
+
+    Fails closed: a service told to read its token from a variable that is unset or empty (a
+    Secret that was never created) refuses to start rather than serve /v1 to anyone, unless
+    `allow_unauthenticated` says that is meant.
+    """
+    variable = args.auth_token_env
+    if not variable:
+        return None
+    token = (os.environ if environ is None else environ).get(variable, "").strip()
+    if token or args.allow_unauthenticated:
+        return token or None
+    raise ConfigError(f"auth_token_env names {variable}, which is unset or empty in this "
+                      f"process: set {variable} to the bearer token, or set "
+                      "allow_unauthenticated: true (--allow-unauthenticated) to serve /v1 "
+                      "without one")
 
 
 def build_app(args: dict) -> Application:
@@ -82,10 +103,15 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--max-replicas", type=int, help="... to this")
     serve.add_argument("--model-cpus", type=float, default=1.0, help="CPUs per Model replica")
     serve.add_argument("--auth-token-env", metavar="VAR",
-                       help="require `Authorization: Bearer $VAR` on /v1 when VAR is set")
+                       help="require `Authorization: Bearer $VAR` on /v1; refuse to start "
+                            "while VAR is unset or empty")
+    serve.add_argument("--allow-unauthenticated", action="store_true",
+                       help="with --auth-token-env: serve /v1 open when VAR is unset or empty")
     serve.add_argument("--name", default="fedray", help="Serve application name")
+    serve.add_argument("--route-prefix", default="/", help="the application's HTTP path prefix")
     serve.add_argument("--blocking", action=argparse.BooleanOptionalAction, default=True,
-                       help="keep serving until Ctrl-C (--no-blocking: deploy and return)")
+                       help="keep serving until Ctrl-C, then delete the application "
+                            "(--no-blocking: deploy and return)")
     serve.set_defaults(func=cmd_serve)
 
 
@@ -111,18 +137,27 @@ def _model_scaling(args: argparse.Namespace) -> dict:
     return options
 
 
+def local_uri(package: str) -> str:
+    """`package` with a local path made absolute: replicas may run in another folder."""
+    if "://" in package:
+        return package
+    return str(Path(package).expanduser().resolve())
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from fedray.package import verify_package
 
     serve_args = parse_args({
-        "package": args.package, "device": args.device, "runtime": args.runtime,
+        "package": local_uri(args.package), "device": args.device, "runtime": args.runtime,
         "max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait_timeout_s,
-        "auth_token_env": args.auth_token_env})
+        "auth_token_env": args.auth_token_env,
+        "allow_unauthenticated": args.allow_unauthenticated})
     model_options = _model_scaling(args)
     card = verify_package(serve_args.package)  # a bad package fails here, before Ray starts
 
     import ray
     from ray import serve
+    from ray.serve.exceptions import RayServeException
 
     from fedray.serving.deployments import application
 
@@ -131,20 +166,42 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if address:
             ray.init(address=address)
         else:
+            auth_token(serve_args)  # replicas inherit this environment: fail before Ray starts
             ray.init(include_dashboard=False, configure_logging=False)
+    before = serve.status()
+    serve_was_running = bool(before.proxies or before.applications)
     serve.start(http_options={"host": args.host, "port": args.port})
-    serve.run(application(serve_args, model_options=model_options), name=args.name,
-              route_prefix="/", blocking=False)
-    url = f"http://{args.host}:{args.port}"
+    try:
+        serve.run(application(serve_args, model_options=model_options), name=args.name,
+                  route_prefix=args.route_prefix, blocking=False)
+    except (RuntimeError, RayServeException) as exc:  # it did not deploy; Serve says why
+        _stop(args.name, stop_serve=not serve_was_running)
+        raise ValueError(f"Serve could not deploy {args.name!r}: {exc}") from None
+    url = f"http://{args.host}:{args.port}{args.route_prefix.rstrip('/')}"
     print(f"serving {card['name']} {card['version']} ({card['model']['backbone']}) at {url}")
     print(f"  API docs {url}/docs; try: curl -F file=@smear.png {url}/v1/predict")
     if not args.blocking:
         return 0
     try:
-        while True:
-            time.sleep(3600)
+        wait_for_interrupt()
     except KeyboardInterrupt:
-        print("shutting down")
+        print(f"deleting the Serve application {args.name!r}")
     finally:
-        serve.shutdown()
+        _stop(args.name, stop_serve=not serve_was_running)
     return 0
+
+
+def wait_for_interrupt() -> None:
+    """Block until Ctrl-C (KeyboardInterrupt)."""
+    while True:
+        time.sleep(3600)
+
+
+def _stop(name: str, *, stop_serve: bool) -> None:
+    """Delete this command's application; stop Serve too if this command started it and no
+    other application runs there (a Ray this command started ends with it anyway)."""
+    from ray import serve
+
+    serve.delete(name)
+    if stop_serve and not serve.status().applications:
+        serve.shutdown()

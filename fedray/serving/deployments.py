@@ -6,10 +6,17 @@ refusal, overload (Serve's BackPressureError) or Model failure into a JSON error
 holds a fedray.serving.predictor.Predictor; `@serve.batch` gathers concurrent requests into
 one forward pass, and `reconfigure(user_config)` swaps packages in place.
 
-A failed swap is logged and reported (GET /v1/model, `last_reload`) but not raised: Serve
-stops a replica whose in-place reconfigure raises, which would take the working model down
-with the bad one. Only a replica still starting raises, so it never serves a package other
-than the one its config names.
+A Model loads no package in __init__: the application always gives it a user_config (`{}` at
+least), so Serve calls reconfigure before the replica takes traffic, and that first call loads
+the package the config names (user_config.package, else args.package), or raises. A new
+replica thus never serves a package other than its config's, and args.package need not exist
+once user_config names another.
+
+A failed swap on a running replica is logged and reported but not raised: Serve stops a replica
+whose in-place reconfigure raises, which would take the working model down with the bad one.
+The replica keeps answering with its old model, and GET /readyz answers 503 `swap_refused`
+(GET /v1/model: `last_reload`) until a config naming a loadable package, or the served one,
+arrives.
 """
 
 import asyncio
@@ -17,11 +24,10 @@ import base64
 import hmac
 import io
 import logging
-import os
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from fastapi import FastAPI, Query, Request
@@ -40,14 +46,17 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fedray import __version__
-from fedray.serving import ServeArgs, parse_args
+from fedray.config import format_validation_error
+from fedray.serving import EXPLAIN_METHODS, ServeArgs, auth_token, parse_args
 from fedray.serving.images import ACCEPTED_TYPES, Limits, RequestError, decode_upload
 from fedray.serving.schemas import ErrorBody, Explanation, Health, ModelInfo, Prediction, Ready
 from fedray.serving.uploads import batch_uploads, single_upload
 
+if TYPE_CHECKING:  # torch stays out of the Ingress replicas
+    from fedray.serving.predictor import Predictor
+
 logger = logging.getLogger("ray.serve")
 
-EXPLAIN_METHODS: tuple[str, ...] = ("saliency", "gradcam")
 DISPLAY_MAX = 512  # longest side of an explanation overlay
 READY_TIMEOUT_S = 10.0
 
@@ -68,15 +77,11 @@ class ModelUserConfig(BaseModel):
 @serve.deployment(name="Model")
 class Model:
     def __init__(self, args: dict) -> None:
-        from fedray.serving.predictor import Predictor
-
         self._args = parse_args(args)
-        self._predictor = Predictor(self._args.package, runtime=self._args.runtime,
-                                    device=self._args.device)
+        self._predictor: Predictor | None = None  # the first reconfigure loads it
         # One thread runs every forward/backward pass: batches never overlap on the model,
         # and captum's Grad-CAM hooks never see another request's forward pass.
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedray-model")
-        self._starting = True
         self._set_batching(self._args.max_batch_size, self._args.batch_wait_timeout_s)
 
     def _set_batching(self, max_batch_size: int, batch_wait_timeout_s: float) -> None:
@@ -86,54 +91,76 @@ class Model:
     async def _run(self, fn, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._compute, fn, *args)
 
+    @property
+    def predictor(self) -> "Predictor":
+        if self._predictor is None:
+            raise RuntimeError("no package loaded yet (the replica is still starting)")
+        return self._predictor
+
     def _refuse(self, package: str, message: str) -> None:
         """A user_config that cannot be applied: fatal while starting, else logged and kept."""
+        if self._predictor is None:
+            raise ValueError(message)
         self._predictor.last_reload = {"package": package, "ok": False, "error": message,
                                        "at": time.time()}
-        if self._starting:
-            raise ValueError(message)
         logger.error("model swap refused, still serving %s: %s", self._predictor.served.uri,
                      message)
 
-    async def reconfigure(self, user_config: dict) -> None:
+    async def _load(self, package: str) -> None:
+        """Serve `package`: the replica's first one, or a swap; a failure goes to _refuse."""
+        from fedray.serving.predictor import Predictor
+
+        predictor = self._predictor
+        try:
+            if predictor is None:
+                self._predictor = await asyncio.to_thread(
+                    Predictor, package, runtime=self._args.runtime, device=self._args.device)
+            elif package == predictor.served.uri:
+                predictor.keep()  # e.g. a config put back after a refused swap: not degraded
+            else:
+                # Loads (and test-runs) the new package beside the serving one, then swaps.
+                await asyncio.to_thread(predictor.reload, package)
+        except Exception as exc:  # noqa: BLE001 - any failure keeps the old model serving
+            self._refuse(package, f"cannot load {package}: {exc}")
+
+    async def reconfigure(self, user_config: dict | None) -> None:
         try:
             config = ModelUserConfig.model_validate(user_config or {})
         except ValidationError as err:
-            package = str((user_config or {}).get("package", self._predictor.served.uri))
-            return self._refuse(package, f"invalid user_config for Model: {err}")
+            asked = user_config.get("package") if isinstance(user_config, dict) else None
+            package = str(asked or self._args.package)
+            known = f"known: {', '.join(ModelUserConfig.model_fields)}"
+            return self._refuse(package, format_validation_error(
+                err, "invalid user_config for Model", known))
         args = self._args
         self._set_batching(
             args.max_batch_size if config.max_batch_size is None else config.max_batch_size,
             args.batch_wait_timeout_s if config.batch_wait_timeout_s is None
             else config.batch_wait_timeout_s)
-        package = config.package or self._args.package
-        if package == self._predictor.served.uri:
-            return None
-        try:
-            # Loads (and test-runs) the new package beside the serving one, then swaps.
-            await asyncio.to_thread(self._predictor.reload, package)
-        except Exception as exc:  # noqa: BLE001 - any failure keeps the old model serving
-            return self._refuse(package, f"cannot load {package}: {exc}")
+        await self._load(config.package or args.package)
         return None
 
-    def check_health(self) -> None:
-        # Serve calls this once after __init__ and the first reconfigure: from here on the
-        # replica serves traffic, and a bad user_config must not take it down.
-        self._starting = False
+    async def check_health(self) -> None:
+        # Serve calls this once after __init__ and the first reconfigure. A config that set
+        # user_config: null skips reconfigure; then args.package is the config's package.
+        if self._predictor is None:
+            await self._load(self._args.package)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def predict(self, images: list[np.ndarray]) -> list[dict]:
-        return await self._run(self._predictor.predict, images)
+        return await self._run(self.predictor.predict, images)
 
     async def explain(self, image: np.ndarray, method: str) -> dict:
-        return await self._run(self._predictor.explain, image, method)
+        return await self._run(self.predictor.explain, image, method)
 
     async def ready(self) -> dict:
-        return await self._run(self._predictor.ready)
+        """The served model after a test forward pass, and the refused swap if the last was."""
+        return {"model": await self._run(self.predictor.ready), "package":
+                self.predictor.served.uri, "refused": self.predictor.refused}
 
     async def info(self) -> dict:
         replica = serve.get_replica_context().replica_id.unique_id
-        return {**self._predictor.info(), "replica": replica}
+        return {**self.predictor.info(), "replica": replica}
 
 
 # --------------------------------------------------------------------------- HTTP API
@@ -225,18 +252,17 @@ class Ingress:
         # to that, decode_upload's header check refuses first, so its warning is noise here.
         Image.MAX_IMAGE_PIXELS = self._args.max_pixels
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        variable = self._args.auth_token_env
-        self._token = os.environ.get(variable, "").strip() if variable else ""
-        if variable and not self._token:
-            logger.warning("%s is not set or empty: /v1 endpoints are open (no bearer token)",
-                           variable)
+        self._token = auth_token(self._args)  # fails closed: see fedray.serving.auth_token
+        if self._args.auth_token_env and self._token is None:
+            logger.warning("%s is not set or empty and allow_unauthenticated is true: /v1 "
+                           "endpoints are open (no bearer token)", self._args.auth_token_env)
         self._model = model
         self._image_size: int | None = None
 
     # ---- helpers
 
     def _authorize(self, request: Request) -> None:
-        if not self._token:
+        if self._token is None:
             return
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(),
@@ -325,10 +351,15 @@ class Ingress:
              summary="readiness: a model is loaded and a one-image forward pass works")
     async def readyz(self):
         try:
-            ref = await asyncio.wait_for(self._ask(self._model.ready.remote()), READY_TIMEOUT_S)
+            ready = await asyncio.wait_for(self._ask(self._model.ready.remote()), READY_TIMEOUT_S)
         except Exception as exc:  # noqa: BLE001 - any failure means not ready
             return _error(503, "not_ready", f"{type(exc).__name__}: {exc}"[:500])
-        return {"status": "ready", "model": ref}
+        if ready["refused"]:
+            # Predictions still work (old model), but the deployed config is not what runs.
+            refused = ready["refused"]
+            return _error(503, "swap_refused", f"still serving {ready['package']}; the config's "
+                          f"package {refused['package']} was refused: {refused['error']}"[:1000])
+        return {"status": "ready", "model": ready["model"]}
 
 
 # --------------------------------------------------------------------------- application
@@ -346,5 +377,8 @@ def application(args: ServeArgs, *, model_options: dict | None = None,
     ingress_defaults = {"max_ongoing_requests": 64, "max_queued_requests": 512,
                         "ray_actor_options": {"num_cpus": 0.5}}
     plain = args.model_dump()
-    model = Model.options(**{**model_defaults, **(model_options or {})}).bind(plain)
+    # A user_config, even empty, makes Serve call reconfigure before a replica takes traffic,
+    # and that first call loads the package (a config file's user_config replaces this one).
+    model = Model.options(**{**model_defaults, "user_config": {},
+                             **(model_options or {})}).bind(plain)
     return Ingress.options(**{**ingress_defaults, **(ingress_options or {})}).bind(model, plain)

@@ -74,6 +74,18 @@ class Predictor:
     def served(self) -> Served:
         return self._served
 
+    @property
+    def refused(self) -> dict | None:
+        """The last reload if it failed: the replica serves another package than asked."""
+        last = self.last_reload
+        return last if last is not None and not last["ok"] else None
+
+    def keep(self) -> None:
+        """The served package was asked for again: an earlier refusal no longer stands."""
+        if self.refused is not None:
+            self.last_reload = {"package": self._served.uri, "ok": True, "error": None,
+                                "at": time.time()}
+
     def load(self, uri: str) -> Served:
         """A checked, ready package (not yet served); PackageError naming what is wrong."""
         package = self._loader(uri, runtime=self.runtime, device=self.device)
