@@ -10,8 +10,9 @@ time the same as trained ones), a package is exported from a hand-made run folde
                request (multipart): images per second
   unbatched    the same application with max_batch_size 1: one forward pass per request
   latency      one client, one image at a time: p50 and p99 milliseconds
-Clients, proxy, Ingress and Model share this machine's cores, so on a small machine the HTTP
-figures carry the clients' and the proxy's CPU too. Writes benchmarks/results/serve.json:
+Clients (one asyncio process, keep-alive connections), proxy, Ingress and Model share this
+machine's cores, so on a small machine the HTTP figures carry the clients' and the proxy's CPU
+too. Writes benchmarks/results/serve.json:
 {"models": {name: {"limit_img_s", "batched_img_s", "ratio_batched", "batch_route_img_s",
 "ratio_batch_route", ...}}, ...}.
 
@@ -27,7 +28,6 @@ import os
 import platform
 import socket
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -76,41 +76,52 @@ def limit_throughput(package_dir: Path, images: list[np.ndarray], batch: int,
 
 def http_throughput(url: str, bodies: list[bytes], clients: int, seconds: float,
                     per_request: int = 1) -> float:
-    """Images per second answered by `clients` threads posting for `seconds`: each request one
-    raw PNG (per_request 1) or `per_request` PNGs as multipart `files` (/v1/predict/batch)."""
-    counts, failures, stop = [0] * clients, [], threading.Event()
+    """Images per second answered to `clients` concurrent keep-alive connections posting for
+    `seconds`: each request one raw PNG (per_request 1) or `per_request` PNGs as multipart
+    `files` (/v1/predict/batch).
 
-    def post(session: requests.Session, i: int) -> requests.Response:
-        if per_request == 1:
-            return session.post(url, data=bodies[i % len(bodies)],
-                                headers={"Content-Type": "image/png"}, timeout=60)
-        files = [("files", (f"{j}.png", bodies[(i + j) % len(bodies)], "image/png"))
-                 for j in range(per_request)]
-        return session.post(url, files=files, timeout=120)
+    The load generator is one asyncio process (aiohttp): it shares this machine's cores with the
+    server, and 16 threads of `requests` spent about as much CPU per request as the proxy did.
+    """
+    import asyncio
 
-    def client(k: int) -> None:
-        with requests.Session() as session:
+    import aiohttp
+
+    async def main() -> tuple[int, list[int], float]:
+        done, failures = [0], []
+        deadline = time.perf_counter() + seconds
+
+        def payload(i: int):
+            if per_request == 1:
+                return {"data": bodies[i % len(bodies)], "headers": {"Content-Type": "image/png"}}
+            form = aiohttp.FormData()
+            for j in range(per_request):
+                form.add_field("files", bodies[(i + j) % len(bodies)], filename=f"{j}.png",
+                               content_type="image/png")
+            return {"data": form}
+
+        async def client(k: int, session: aiohttp.ClientSession) -> None:
             i = k * per_request
-            while not stop.is_set():
-                r = post(session, i)
-                if r.status_code == 200:
-                    counts[k] += per_request
-                else:
-                    failures.append(r.status_code)
+            while time.perf_counter() < deadline:
+                async with session.post(url, **payload(i)) as r:
+                    await r.read()
+                    if r.status == 200:
+                        done[0] += per_request
+                    else:
+                        failures.append(r.status)
                 i += clients * per_request
 
-    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    time.sleep(seconds)
-    stop.set()
-    for t in threads:
-        t.join()
-    elapsed = time.perf_counter() - start
+        timeout = aiohttp.ClientTimeout(total=120)
+        connector = aiohttp.TCPConnector(limit=clients)
+        async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+            start = time.perf_counter()
+            await asyncio.gather(*(client(k, session) for k in range(clients)))
+            return done[0], failures, time.perf_counter() - start
+
+    count, failures, elapsed = asyncio.run(main())
     if failures:
         raise RuntimeError(f"{len(failures)} failed requests (statuses {sorted(set(failures))})")
-    return sum(counts) / elapsed
+    return count / elapsed
 
 
 def latency_ms(url: str, body: bytes, n: int) -> dict:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -155,6 +156,9 @@ def make_private(module: nn.Module, optimizer: torch.optim.Optimizer, loader: Da
     engine = PrivacyEngine(accountant=settings.accountant, secure_mode=settings.secure_mode)
     ledger = PrivacyLedger(settings.accountant)
     engine.accountant = ledger.accountant
+    # Opacus' hooks fire on modules whose inputs need no gradient (the first layer): harmless,
+    # and printed once per process by every hospital.
+    warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
     options = dict(module=module, optimizer=optimizer, data_loader=loader,
                    noise_multiplier=settings.noise_multiplier, max_grad_norm=settings.max_grad_norm,
                    poisson_sampling=settings.poisson_sampling,
