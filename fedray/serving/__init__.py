@@ -192,7 +192,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def wait_for_interrupt() -> None:
-    """Block until Ctrl-C (KeyboardInterrupt)."""
+    """Block until Ctrl-C, or SIGTERM (a process manager's stop), both as KeyboardInterrupt,
+    so the application is deleted and a local Ray is shut down either way."""
+    import signal
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
     while True:
         time.sleep(3600)
 
