@@ -70,6 +70,14 @@ def run_tune(sweep: sweeps.Sweep, out: Path) -> dict:
             "trial_seconds": [float(s) for s in table["seconds"]]}
 
 
+def _shown(path: Path) -> str:
+    """The config as the repository names it (results files hold no machine's paths)."""
+    try:
+        return str(Path(path).resolve().relative_to(ROOT))
+    except ValueError:
+        return Path(path).name
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "sweep-demo.yaml")
@@ -94,7 +102,7 @@ def main() -> None:
     ratio = tuned["tune_s"] / sequential["sequential_s"] if tuned["tune_s"] else None
     result = {**tuned, **sequential, "ratio": ratio, "target": TARGET,
               "within_target": ratio is not None and ratio <= TARGET,
-              "workload": {"config": str(args.config), "overrides": args.overrides,
+              "workload": {"config": _shown(args.config), "overrides": args.overrides,
                            "trials": trial_params(sweep),
                            "bundles": sweeps.trial_resources(sweep.base),
                            "rounds": sweep.base.federation.rounds},
