@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+import conftest
 from fedray import submit
 from fedray.submit import SubmitError
 
@@ -30,21 +31,7 @@ VENV_BIN = Path(sys.executable).parent
 TOKEN = secrets.token_hex(16)
 
 # The tiny_config of conftest as --set flags: 2 hospitals, 1 round, 32 px, 240 synthetic smears.
-TINY = {
-    "name": "tiny",
-    "data.synth.n": 240,
-    "data.synth.size": 32,
-    "data.synth.patients_per_class": 6,
-    "data.image_size": 32,
-    "data.partition.min_per_hospital": 10,
-    "model.backbone": "smallcnn",
-    "training.batch_size": 32,
-    "training.local_epochs": 1,
-    "federation.hospitals": 2,
-    "federation.rounds": 1,
-    "federation.min_clients": 1,
-    "runtime.hospital_num_cpus": 1,
-}
+TINY = {**conftest.TINY, "training.local_epochs": 1}
 
 
 @dataclass(frozen=True)
