@@ -1,7 +1,7 @@
 """DP-SGD step time over non-private step time for the same DP-safe model.
 
 resnet18 at 64 px, batch 32, CPU threads as configured; one figure per Opacus grad-sample mode
-(`ghost` with fedray's Conv2d ghost norms, see fedray/ghost_norms.py), for the whole model and
+(`ghost` with fedray's Conv2d ghost norms, see fedray/privacy/ghost_norms.py), for the whole model and
 for `model.freeze` (last stage + head trainable). Private and plain steps are timed in
 alternation, `--repeats` times, and the median ratio is reported, so a machine whose speed
 drifts affects both sides alike. Writes benchmarks/results/dp_overhead.json.

@@ -132,6 +132,15 @@ class PrivacyConfig(_Strict):
     poisson_sampling: bool = True
     secure_mode: bool = False
     grad_sample_mode: Literal["hooks", "functorch", "ew", "ghost"] = "ghost"
+    unit: Literal["image", "patient", "record"] = Field(
+        "image", description="what one (epsilon, delta) protects: a source image (its flip_x4 "
+                             "copies together), a patient (the data's group column), a record")
+    reproducible_noise: bool = Field(
+        False, description="debugging only: seed the DP noise and sampling from the config, "
+                           "which voids the epsilon guarantee (every output says so)")
+    share_local_metrics: bool | None = Field(
+        None, description="send un-noised local loss/accuracy/class counts to the coordinator; "
+                          "default: off under DP, on otherwise")
     hospitals: dict[str, PrivacyOverride] = Field(default_factory=dict)
 
 
@@ -178,6 +187,17 @@ class FederationConfig(_Strict):
         return self
 
 
+class FaultPoint(_Strict):
+    """Test-only: make one process raise or exit at a named point of a round."""
+
+    process: str = Field(..., description="a hospital's name, or 'coordinator'")
+    point: Literal["before_fit", "after_fit", "after_state_saved", "before_checkpoint",
+                   "after_checkpoint", "during_write"]
+    round: int | None = Field(None, ge=1, description="only in this round; None = every round")
+    action: Literal["raise", "exit"] = "raise"
+    path_contains: str | None = Field(None, description="during_write: only for such files")
+
+
 class RuntimeConfig(_Strict):
     """Where and how actors run; only runtime.py reads this."""
 
@@ -199,6 +219,8 @@ class RuntimeConfig(_Strict):
         False, description="hospital X requires custom resource X: 0.001 (its site's node)")
     start_timeout_s: float = Field(
         600.0, gt=0, description="a hospital not started by then is a StartupError")
+    fault_injection: list[FaultPoint] = Field(
+        default_factory=list, description="test-only: named points where a process fails")
 
 
 class ExperimentConfig(_Strict):

@@ -26,7 +26,7 @@ from fedray.data.transforms import eval_preset
 from fedray.messages import Failure, FitIns, FitRes, to_numpy, to_torch
 from fedray.metrics import classification_metrics
 from fedray.models import build_model
-from fedray.privacy import PrivacyBudgetExhausted
+from fedray.privacy.errors import PrivacyBudgetExhausted
 from fedray.strategy import build_strategy
 
 

@@ -21,7 +21,7 @@ from fedray.config import ExperimentConfig, RuntimeConfig
 from fedray.coordinator import Coordinator
 from fedray.data.shards import ShardSet
 from fedray.messages import Failure, FitIns, FitRes
-from fedray.privacy import PrivacyBudgetExhausted
+from fedray.privacy.errors import PrivacyBudgetExhausted
 
 
 class StartupError(RuntimeError):

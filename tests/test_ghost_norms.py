@@ -9,7 +9,7 @@ from opacus import PrivacyEngine
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from fedray import ghost_norms
+from fedray.privacy import ghost_norms
 from fedray.client import HospitalClient
 from fedray.data.shards import ShardSet
 from fedray.messages import FitIns

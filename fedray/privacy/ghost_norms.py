@@ -9,7 +9,7 @@ g a^T and its squared norm is <a^T a, g^T g>, which costs L^2 (P + O) instead of
 no O x P tensor ("ghost norm", Li et al. 2021; the per-layer choice between the two is Bu et al.
 2022's mixed ghost clipping). Each layer takes whichever is smaller.
 
-Registered with Opacus' own `register_norm_sampler` when fedray.privacy is imported; it applies
+Registered with Opacus' own `register_norm_sampler` when fedray.privacy.wrap is imported; it applies
 only to `grad_sample_mode="ghost"`.
 """
 
