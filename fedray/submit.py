@@ -6,12 +6,18 @@ Token authentication follows Ray 2.60: the dashboard says whether it wants a tok
 where Ray reads it (RAY_AUTH_TOKEN, then the file RAY_AUTH_TOKEN_PATH, then ~/.ray/auth_token)
 and sent as a bearer token, so submission does not depend on RAY_AUTH_MODE being set in this
 shell, and a cluster that did not ask for the token never receives it.
+
+That answer comes unauthenticated, so it cannot vouch for the channel: the token only travels
+over https or to a loopback address (127.0.0.0/8, ::1, localhost), where no one on the network
+can read it. Plain http to any other host is refused, naming the address, unless the caller
+passes --insecure-http.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import logging
 import os
 import shlex
@@ -27,6 +33,7 @@ if TYPE_CHECKING:
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 ADDRESS_VARIABLES = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
 DEFAULT_TOKEN_FILE = Path("~/.ray/auth_token")
+INSECURE_FLAG = "--insecure-http"
 
 # Never uploaded with the working dir (gitignore patterns relative to it; a leading / anchors
 # at its root); Ray leaves .gitignore'd files out as well, and big_files() adds large ones.
@@ -122,11 +129,80 @@ def cluster_auth_mode(url: str) -> str | None:
         return None
 
 
-def auth_headers(url: str) -> tuple[dict[str, str], Token | None]:
+def url_host(url: str) -> str | None:
+    """The host `url` points at, lower-cased, or None when it has none or when Python's URL
+    parser and the one requests sends with (urllib3) disagree about it (``a\\@b``)."""
+    from urllib.parse import urlsplit
+
+    from urllib3.util import parse_url
+
+    try:
+        ours = urlsplit(url).hostname
+        theirs = parse_url(url).host
+    except ValueError:
+        return None
+    if not ours or not theirs or "\\" in url:
+        return None
+    theirs = theirs.strip("[]").lower()
+    return ours if ours == theirs else None
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 (also as ::ffff:127.x.y.z) or the name localhost; no DNS lookup."""
+    host = host.lower().rstrip(".")
+    if host == "localhost":
+        return True
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
+
+
+def token_channel_is_safe(url: str) -> bool:
+    """Whether a token sent to `url` stays private: https, or any scheme to a loopback host."""
+    from urllib.parse import urlsplit
+
+    host = url_host(url)
+    if host is None:
+        return False
+    return urlsplit(url).scheme.lower() == "https" or is_loopback(host)
+
+
+def ray_sends_token_itself() -> bool:
+    """Whether Ray's own client adds this shell's token to every request (RAY_AUTH_MODE=token
+    when the process started), whatever fedray decides."""
+    try:
+        from ray._private.authentication.authentication_utils import is_token_auth_enabled
+    except ImportError:
+        return os.environ.get("RAY_AUTH_MODE", "").lower() == "token"
+    return is_token_auth_enabled()
+
+
+def _insecure_channel(url: str, why: str) -> SubmitError:
+    host = url_host(url)
+    where = f"host {host}" if host else "a host that URL parsers read differently"
+    return SubmitError(
+        f"{why}, but {url} is neither https nor a loopback address ({where}): the token would "
+        "cross the network unencrypted. Use an https:// address (a TLS proxy in front of the "
+        f"dashboard), or pass {INSECURE_FLAG} to send it anyway on a network you trust")
+
+
+def auth_headers(url: str, *, insecure_http: bool = False) -> tuple[dict[str, str], Token | None]:
     """The Authorization header the cluster needs: the token only to a dashboard that says it
-    uses token auth, so a local token never goes to a cluster that did not ask for it."""
+    uses token auth, so a local token never goes to a cluster that did not ask for it, and only
+    over https or to a loopback address unless `insecure_http`."""
+    safe = insecure_http or token_channel_is_safe(url)
     if cluster_auth_mode(url) != "token":
+        if not safe and ray_sends_token_itself():
+            raise _insecure_channel(url, "RAY_AUTH_MODE=token makes Ray send this shell's "
+                                         "token with every request (unset it if the cluster "
+                                         "does not need one)")
         return {}, None
+    if not safe:
+        raise _insecure_channel(url, f"the Ray cluster at {url} asks for an auth token")
     token, looked = find_token()
     if token is None:
         raise SubmitError(
@@ -136,13 +212,14 @@ def auth_headers(url: str) -> tuple[dict[str, str], Token | None]:
     return {"Authorization": f"Bearer {token.value}"}, token
 
 
-def connect(address: str | None = None) -> JobSubmissionClient:
-    """A Jobs API client for the cluster, authenticated if the cluster wants it."""
+def connect(address: str | None = None, *, insecure_http: bool = False) -> JobSubmissionClient:
+    """A Jobs API client for the cluster, authenticated if the cluster wants it (the token
+    only over https or to loopback unless `insecure_http`)."""
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
     url = dashboard_url(address)
-    headers, token = auth_headers(url)
+    headers, token = auth_headers(url, insecure_http=insecure_http)
     try:
         return JobSubmissionClient(url, headers=headers)
     except AuthenticationError:
@@ -319,7 +396,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     runtime_env = build_runtime_env(
         working_dir=args.working_dir, installed=args.installed,
         base=load_runtime_env(args.runtime_env), pip=args.pip, env=parse_env(args.env))
-    client = connect(args.address)
+    client = connect(args.address, insecure_http=args.insecure_http)
     job_id = submit(client, entrypoint, runtime_env, args.job_id)
     url = dashboard_url(args.address)
     print(f"submitted job {job_id} to {url}", file=sys.stderr, flush=True)
@@ -340,6 +417,10 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--address", metavar="URL",
                         help="the cluster's dashboard (default: RAY_API_SERVER_ADDRESS, "
                              f"RAY_ADDRESS, else {DEFAULT_ADDRESS})")
+    parser.add_argument(INSECURE_FLAG, dest="insecure_http", action="store_true",
+                        help="send the auth token over plain http to a non-loopback address "
+                             "(default: the token only goes over https or to 127.0.0.0/8, "
+                             "::1, localhost)")
     code = parser.add_mutually_exclusive_group()
     code.add_argument("--working-dir", type=Path, metavar="DIR",
                       help="folder uploaded with the job (default: the current folder; "

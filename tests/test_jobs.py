@@ -241,9 +241,98 @@ def test_token_lookup_follows_rays_order(tmp_path, monkeypatch):
 def test_token_goes_only_to_a_dashboard_that_asks_for_it(mode, sent, monkeypatch):
     monkeypatch.setenv("RAY_AUTH_TOKEN", "local-secret")
     monkeypatch.setattr(submit, "cluster_auth_mode", lambda url: mode)
-    headers, token = submit.auth_headers("http://head:8265")
+    headers, token = submit.auth_headers("https://head:8265")
     assert (headers == {"Authorization": "Bearer local-secret"}) is sent
     assert (token is not None) is sent
+
+
+@pytest.mark.parametrize("url,safe", [
+    ("https://ray.example:8265", True),
+    ("HTTPS://ray.example", True),
+    ("http://127.0.0.1:8265", True),
+    ("http://127.3.2.1:8265", True),
+    ("http://[::1]:8265", True),
+    ("http://[::ffff:127.0.0.1]:8265", True),
+    ("http://localhost:8265", True),
+    ("http://LOCALHOST.:8265", True),
+    ("http://head:8265", False),
+    ("http://10.0.0.1:8265", False),
+    ("http://127.0.0.1.example.com:8265", False),
+    ("http://127.0.0.1@evil.example:8265", False),   # userinfo, the host is evil.example
+    ("http://evil.example\\@127.0.0.1:8265", False),  # parsers disagree on the host
+    ("http://0.0.0.0:8265", False),
+    ("http://[::]:8265", False),
+])
+def test_token_channel_is_https_or_loopback(url, safe):
+    assert submit.token_channel_is_safe(url) is safe
+
+
+@pytest.fixture
+def token_cluster(monkeypatch):
+    """A dashboard that says it wants a token, and a token in this shell; no network."""
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "local-secret")
+    asked = []
+    monkeypatch.setattr(submit, "cluster_auth_mode", lambda url: asked.append(url) or "token")
+    monkeypatch.setattr(submit, "ray_sends_token_itself", lambda: False)
+    return asked
+
+
+@pytest.mark.parametrize("url", ["http://head:8265", "http://10.1.2.3:8265",
+                                 "http://127.0.0.1@head:8265"])
+def test_token_refused_over_plain_http_to_a_remote_host(url, token_cluster):
+    with pytest.raises(SubmitError) as exc:
+        submit.auth_headers(url)
+    message = str(exc.value)
+    assert url in message and "--insecure-http" in message and "https://" in message
+    assert "local-secret" not in message
+
+
+def test_insecure_http_sends_the_token_when_asked(token_cluster):
+    headers, token = submit.auth_headers("http://head:8265", insecure_http=True)
+    assert headers == {"Authorization": "Bearer local-secret"}
+    assert token.source == "RAY_AUTH_TOKEN"
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:8265", "http://localhost:8265",
+                                 "http://[::1]:8265", "https://head:8265"])
+def test_token_sent_over_https_or_to_loopback(url, token_cluster):
+    assert submit.auth_headers(url)[0] == {"Authorization": "Bearer local-secret"}
+
+
+def test_plain_http_without_token_auth_needs_no_flag(monkeypatch):
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "local-secret")
+    monkeypatch.setattr(submit, "cluster_auth_mode", lambda url: "disabled")
+    monkeypatch.setattr(submit, "ray_sends_token_itself", lambda: False)
+    assert submit.auth_headers("http://head:8265") == ({}, None)
+    # but Ray's own client would add the token to every request under RAY_AUTH_MODE=token
+    monkeypatch.setattr(submit, "ray_sends_token_itself", lambda: True)
+    with pytest.raises(SubmitError, match=r"RAY_AUTH_MODE=token.*--insecure-http"):
+        submit.auth_headers("http://head:8265")
+    assert submit.auth_headers("https://head:8265") == ({}, None)
+
+
+@pytest.mark.parametrize("mode,adds", [("token", True), ("TOKEN", True), ("disabled", False),
+                                       ("", False)])
+def test_ray_sends_token_itself_matches_rays_client(mode, adds):
+    """The check asks Ray, in a fresh process (Ray reads RAY_AUTH_MODE once per process)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(RAY_AUTH_MODE=mode, RAY_AUTH_TOKEN="local-secret")
+    code = ("from fedray import submit\n"
+            "from ray._private.authentication.http_token_authentication import "
+            "get_auth_headers_if_auth_enabled as ray_headers\n"
+            "print(submit.ray_sends_token_itself(), bool(ray_headers({})))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [str(adds), str(adds)]
+
+
+def test_submit_cli_has_the_insecure_http_flag():
+    from fedray.cli import build_parser
+
+    args = build_parser().parse_args(["submit", "--insecure-http", "--", "python", "-V"])
+    assert args.insecure_http is True
+    assert build_parser().parse_args(["submit", "--", "python", "-V"]).insecure_http is False
 
 
 def test_runtime_env_yaml_error_names_the_file(tmp_path):
