@@ -5,7 +5,20 @@ fast CPU inference (checked against the PyTorch model at export), and a model ca
 for machines, card.md for people). card.json lists every file with its SHA-256 and carries the
 digest of its own content, so `load_package` refuses a package whose files were changed,
 removed or truncated, naming the file at fault. That is integrity, not authorship: anyone
-able to rewrite every file can re-hash them; sign the folder if that matters.
+able to rewrite every file can re-hash them; sign the folder if that matters. `verify` also
+refuses card file names that could reach outside the folder (`..`, absolute paths), files that
+are symlinks, and cards missing a field the loader needs, naming the name or field.
+
+Out-of-distribution score. A classifier answers every input with some class, a blank slide or
+sensor noise included, so the package also says how far an image lies from the images it was
+validated on: the cosine-type distance from the image's penultimate features (the input of the
+last Linear layer, L2-normalised) to the nearest class centroid of the run's validation split
+(`ood.safetensors`). The threshold is a high percentile (default the 99th) of the validation
+images' own scores; the card states it and the share of validation images beyond it (the
+false-abstain rate). A feature distance, not the energy score -logsumexp(logits): energy reads
+only the logits, and a lightly trained model gives noise images more confident logits than
+smears (lower energy), while their features lie far from every class. Beyond the threshold a
+served prediction abstains (fedray.serving), with its probabilities still given.
 """
 
 from __future__ import annotations
@@ -19,7 +32,7 @@ import time
 import warnings
 import weakref
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -35,7 +48,16 @@ CARD_MD = "card.md"
 WEIGHTS = "model.safetensors"
 SCRIPTED = "model.ts"
 CONFIG = "config.yaml"
+OOD = "ood.safetensors"
+OOD_QUANTILE = 0.99
 SCRIPT_TOLERANCE = 1e-4
+# card fields the loader and the service read: (dotted path, type); a card without one is refused
+REQUIRED_FIELDS: tuple[tuple[str, type | tuple[type, ...]], ...] = (
+    ("name", str), ("version", str), ("files", dict), ("model", dict), ("model.backbone", str),
+    ("model.classes", list), ("model.dp_safe", bool), ("model.dropout", (int, float)),
+    ("input", dict), ("input.image_size", int), ("input.mean", list), ("input.std", list),
+    ("card_sha256", str),
+)
 
 
 class PackageError(ValueError):
@@ -73,6 +95,14 @@ class ModelPackage:
     runtime: str
     device: torch.device
     _eager: nn.Module | None = field(default=None, repr=False)
+    centroids: Tensor | None = field(default=None, repr=False)  # (classes, features)
+
+    @property
+    def ood_threshold(self) -> float | None:
+        """Scores above this abstain; None when the package has no OOD calibration."""
+        ood = self.card.get("ood") or {}
+        threshold = ood.get("threshold")
+        return None if threshold is None or self.centroids is None else float(threshold)
 
     @property
     def backbone(self) -> str:
@@ -129,11 +159,30 @@ class ModelPackage:
         std = torch.tensor(self.std).view(1, 3, 1, 1)
         return ((x - mean) / std).to(self.device)
 
-    def predict_proba(self, batch: Tensor) -> Tensor:
+    def forward(self, batch: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Logits and penultimate features (None where the model gives no features)."""
         import torch
 
         with torch.inference_mode():
-            return torch.softmax(self.model(batch.to(self.device)).float(), dim=1)
+            if self.runtime == "torchscript":
+                out = self.model(batch.to(self.device))
+                return (out[0], out[1]) if isinstance(out, (tuple, list)) else (out, None)
+            return _logits_and_features(self.model, batch.to(self.device))
+
+    def predict_proba(self, batch: Tensor) -> Tensor:
+        import torch
+
+        return torch.softmax(self.forward(batch)[0].float(), dim=1)
+
+    def score(self, batch: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Class probabilities and OOD scores (None without calibration): one forward pass."""
+        import torch
+
+        logits, features = self.forward(batch)
+        probs = torch.softmax(logits.float(), dim=1)
+        if self.centroids is None or features is None:
+            return probs, None
+        return probs, ood_scores(features, self.centroids)
 
     def eager_model(self) -> nn.Module:
         """The PyTorch module (for attributions), whatever runtime serves predictions."""
@@ -147,6 +196,36 @@ class ModelPackage:
 
         return LoadedModel(model=self.eager_model(), backbone=self.backbone,
                            image_size=self.image_size, classes=self.classes, source=self.path)
+
+
+def _last_linear(model: nn.Module) -> nn.Module:
+    """The classifier's final Linear layer: its input is the feature vector OOD scores use."""
+    from torch import nn
+
+    linear = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linear:
+        raise PackageError(f"{type(model).__name__} has no Linear layer: no features to score")
+    return linear[-1]
+
+
+def _logits_and_features(model: nn.Module, batch: Tensor) -> tuple[Tensor, Tensor]:
+    """One forward pass of an eager model, keeping the input of its last Linear layer."""
+    seen: dict[str, Tensor] = {}
+    handle = _last_linear(model).register_forward_pre_hook(
+        lambda module, args: seen.__setitem__("features", args[0]))
+    try:
+        logits = model(batch)
+    finally:
+        handle.remove()
+    return logits, seen["features"]
+
+
+def ood_scores(features: Tensor, centroids: Tensor) -> Tensor:
+    """Distance from each L2-normalised feature row to the nearest class centroid."""
+    import torch
+
+    unit = torch.nn.functional.normalize(features.float(), dim=1)
+    return torch.cdist(unit, centroids.to(unit.device).float()).min(dim=1).values
 
 
 def _build_eager(folder: Path, card: dict) -> nn.Module:
@@ -241,22 +320,97 @@ def _data_summary(run_dir: Path) -> dict[str, Any]:
 
 
 def _script(model: nn.Module, image_size: int, path: Path) -> float:
-    """Trace to TorchScript, save, reload and return the largest output difference."""
+    """Trace to TorchScript (outputs: logits and penultimate features), save, reload and return
+    the largest difference from the PyTorch model's outputs."""
     import torch
+
+    class Scored(torch.nn.Module):
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+            return _logits_and_features(self.inner, x)
 
     gen = torch.Generator().manual_seed(0)
     example = torch.randn(2, 3, image_size, image_size, generator=gen)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated, still supported
-        traced = torch.jit.trace(model, example, check_trace=False)
+        traced = torch.jit.trace(Scored(model), example, check_trace=False)
         traced.save(str(path))
         probe = torch.randn(3, 3, image_size, image_size, generator=gen)
         reloaded = torch.jit.load(str(path), map_location="cpu").eval()
-        diff = (reloaded(probe) - model(probe)).abs().max().item()
+        diff = max((a - b).abs().max().item()
+                   for a, b in zip(reloaded(probe), _logits_and_features(model, probe)))
     if not diff <= SCRIPT_TOLERANCE:
         raise PackageError(f"{path}: TorchScript output differs from the PyTorch model by {diff:.2e} "
                            f"(> {SCRIPT_TOLERANCE}); export with --format none")
     return float(diff)
+
+
+def _validation_shard(run_dir: Path) -> Path | None:
+    """The run's validation shard: its own (data/), or that of the shards it was given."""
+    from fedray.data.shards import ShardSet
+    from fedray.experiment import SHARDS_USED
+
+    roots = [run_dir / "data"]
+    used = run_dir / SHARDS_USED
+    if used.is_file():
+        try:
+            roots.append(Path(json.loads(used.read_text())["root"]))
+        except (KeyError, TypeError, ValueError):
+            pass
+    for root in roots:
+        if (root / "shards.json").is_file():
+            shards = ShardSet.load(root)
+            if shards.val and shards.path(shards.val).is_file():
+                return shards.path(shards.val)
+    return None
+
+
+def _calibrate_ood(model: nn.Module, shard: Path | None, size: int, classes: list[str],
+                   quantile: float) -> tuple[dict, np.ndarray | None]:
+    """The card's `ood` entry and the class centroids, from the validation shard's features."""
+    import torch
+
+    from fedray.data.shards import ShardDataset
+    from fedray.data.transforms import eval_preset
+
+    entry: dict[str, Any] = {
+        "score": "feature_distance",
+        "definition": "min over classes c of ||f/|f| - mu_c||: f the input of the last Linear "
+                      "layer, mu_c the mean normalised f of the validation images of class c",
+        "quantile": quantile, "threshold": None}
+    if shard is None:
+        return {**entry, "note": "no validation split found at export: predictions never "
+                                 "abstain"}, None
+    data = ShardDataset.from_parquet(shard, size, eval_preset(size))
+    features = []
+    with torch.inference_mode():
+        for start in range(0, len(data), 128):
+            batch = torch.stack([data[i][0] for i in range(start, min(start + 128, len(data)))])
+            features.append(_logits_and_features(model, batch)[1].float())
+    unit = torch.nn.functional.normalize(torch.cat(features), dim=1)
+    present = [c for c in range(len(classes)) if bool((data.labels == c).any())]
+    centroids = torch.stack([unit[data.labels == c].mean(dim=0) for c in present])
+    scores = ood_scores(unit, centroids).numpy()
+    threshold = float(np.quantile(scores, quantile, method="higher"))
+    return {**entry, "file": OOD, "classes": [classes[c] for c in present],
+            "threshold": threshold, "validation_images": int(len(scores)),
+            "false_abstain_rate": float(np.mean(scores > threshold)),
+            "validation_scores": {"p50": float(np.quantile(scores, 0.5)),
+                                  "p95": float(np.quantile(scores, 0.95)),
+                                  "max": float(scores.max())}}, centroids.numpy()
+
+
+def _ood_markdown(ood: dict) -> list[str]:
+    if ood.get("threshold") is None:
+        return [f"No out-of-distribution threshold: {ood.get('note', 'not calibrated')}."]
+    return [f"Score: {ood['definition']}.",
+            f"A served prediction abstains when the score is above {ood['threshold']:.4f}, the "
+            f"{100 * ood['quantile']:g}th percentile of the {ood['validation_images']} validation "
+            f"images' scores; {100 * ood['false_abstain_rate']:.1f}% of those validation images "
+            "abstain (false-abstain rate)."]
 
 
 def _counts_markdown(counts: dict, classes: list[str]) -> list[str]:
@@ -289,6 +443,7 @@ def _card_markdown(card: dict) -> str:
         lines.append("- cumulative epsilon: " + ", ".join(
             f"{k} {('%.2f' % v) if isinstance(v, (int, float)) else v}" for k, v in tr["epsilon"].items()))
     lines += ["", "### Images per hospital and split", "", *_counts_markdown(card["data"], m["classes"]),
+              "", "## Out-of-distribution inputs", "", *_ood_markdown(card["ood"]),
               "", "## Metrics", "", card["metrics"]["note"], "", "```",
               format_table({k: v for k, v in card["metrics"].items() if isinstance(v, dict)}), "```",
               "", "## Provenance", "",
@@ -301,27 +456,32 @@ def _card_markdown(card: dict) -> str:
 
 def export_package(source: str | Path, output: Path, *, name: str | None = None,
                    version: str | None = None,
-                   formats: tuple[str, ...] = ("torchscript",)) -> Path:
+                   formats: tuple[str, ...] = ("torchscript",),
+                   ood_quantile: float = OOD_QUANTILE) -> Path:
     """Write the model package of a run (or a sweep's best trial), a folder or URI, to
-    `output`; return it.
+    `output`; return it. `ood_quantile` sets the abstain threshold: that quantile of the
+    validation images' OOD scores.
 
     The folder is written under a temporary name and renamed into place, so an interrupted
     export never leaves a package that looks whole.
     """
+    if not 0.5 <= ood_quantile <= 1.0:
+        raise PackageError(f"ood_quantile {ood_quantile}: choose a quantile in [0.5, 1], e.g. "
+                           f"{OOD_QUANTILE}")
     unknown = set(formats) - {"torchscript", "none"}
     if unknown:
         raise PackageError(f"unknown export format(s) {sorted(unknown)}: use torchscript or none")
     run_dir, download = _source_run(source)
     try:
         return _write_package(run_dir, Path(output), name=name, version=version,
-                              formats=formats)
+                              formats=formats, ood_quantile=ood_quantile)
     finally:
         if download is not None:
             shutil.rmtree(download, ignore_errors=True)
 
 
 def _write_package(run_dir: Path, output: Path, *, name: str | None, version: str | None,
-                   formats: tuple[str, ...]) -> Path:
+                   formats: tuple[str, ...], ood_quantile: float) -> Path:
     from fedray import __version__
     from fedray.client import input_size
     from fedray.config import load_config
@@ -377,6 +537,12 @@ def _write_package(run_dir: Path, output: Path, *, name: str | None, version: st
             "config_sha256": config_hash(config),
         }
         model = _build_eager(tmp, card)
+        card["ood"], centroids = _calibrate_ood(model, _validation_shard(run_dir), size,
+                                                list(CLASSES), ood_quantile)
+        if centroids is not None:
+            from fedray import checkpoint
+
+            checkpoint.save_weights({"centroids": centroids}, tmp / OOD)
         if "torchscript" in formats:
             card["torchscript"] = {"file": SCRIPTED, "max_abs_diff": _script(model, size, tmp / SCRIPTED),
                                    "torch_version": torch.__version__}
@@ -436,10 +602,62 @@ def verify_package(path: str | Path) -> dict:
             shutil.rmtree(download, ignore_errors=True)
 
 
+def _check_fields(card: dict, card_path: Path) -> None:
+    """PackageError naming the first field the loader needs that is missing or mistyped."""
+    for dotted, kind in REQUIRED_FIELDS:
+        node: Any = card
+        for key in dotted.split("."):
+            if not isinstance(node, dict) or key not in node:
+                raise PackageError(f"{card_path}: missing field {dotted!r}")
+            node = node[key]
+        if not isinstance(node, kind) or (isinstance(node, bool) and kind in (int, (int, float))):
+            raise PackageError(f"{card_path}: field {dotted!r} is {type(node).__name__} "
+                               f"{node!r:.60}, not {getattr(kind, '__name__', 'a number')}")
+    for name, meta in card["files"].items():
+        if not isinstance(meta, dict) or not isinstance(meta.get("sha256"), str) or \
+                not isinstance(meta.get("bytes"), int) or isinstance(meta.get("bytes"), bool):
+            raise PackageError(f"{card_path}: field 'files.{name}' needs a 'sha256' string and "
+                               f"a 'bytes' count, got {meta!r:.80}")
+    ood = card.get("ood")
+    if ood is not None and ood.get("threshold") is not None:
+        threshold = ood["threshold"]
+        if not isinstance(threshold, (int, float)) or isinstance(threshold, bool):
+            raise PackageError(f"{card_path}: field 'ood.threshold' is {threshold!r:.40}, not a "
+                               "number")
+        if not isinstance(ood.get("classes"), list):
+            raise PackageError(f"{card_path}: missing field 'ood.classes'")
+        if ood.get("file") not in card["files"]:
+            raise PackageError(f"{card_path}: field 'ood.file' ({ood.get('file')!r}) names no "
+                               "file the card lists")
+
+
+def _member(folder: Path, name: Any, card_path: Path) -> Path:
+    """The package file a card names, refused if the name could lead outside the folder."""
+    if not isinstance(name, str) or not name or "\x00" in name:
+        raise PackageError(f"{card_path}: file name {name!r} is not a plain file name")
+    posix, windows = PurePosixPath(name), PureWindowsPath(name)
+    if posix.is_absolute() or windows.is_absolute() or windows.drive or name[0] in "/\\":
+        raise PackageError(f"{card_path}: file name {name!r} is an absolute path; a card names "
+                           "files inside its package only")
+    if ".." in posix.parts or ".." in windows.parts:
+        raise PackageError(f"{card_path}: file name {name!r} contains '..'; a card names files "
+                           "inside its package only")
+    item = folder
+    for part in posix.parts:
+        item = item / part
+        if item.is_symlink():
+            raise PackageError(f"{item}: a symlink (file {name!r}); a package holds plain files "
+                               "only")
+    return item
+
+
 def _verify(folder: Path) -> dict:
     card_path = folder / CARD
     if not folder.is_dir():
         raise PackageError(f"{folder}: no such package folder")
+    for entry in sorted(folder.rglob("*")):
+        if entry.is_symlink():
+            raise PackageError(f"{entry}: a symlink; a package holds plain files only")
     if not card_path.is_file():
         raise PackageError(f"{card_path}: missing; not a fedray model package")
     try:
@@ -451,14 +669,15 @@ def _verify(folder: Path) -> dict:
     if card.get("format_version") != FORMAT_VERSION:
         raise PackageError(f"{card_path}: format_version {card.get('format_version')!r}; this "
                            f"fedray reads {FORMAT_VERSION}")
+    _check_fields(card, card_path)
     if card.get("card_sha256") != _card_digest(card):
         raise PackageError(f"{card_path}: its content does not match its card_sha256 (edited?)")
-    files = card.get("files") or {}
+    files = card["files"]
     for required in (WEIGHTS, CONFIG):
         if required not in files:
             raise PackageError(f"{card_path}: lists no {required}")
     for name, meta in files.items():
-        item = folder / name
+        item = _member(folder, name, card_path)
         if not item.is_file():
             raise PackageError(f"{item}: missing from the package")
         if item.stat().st_size != meta["bytes"] or sha256_file(item) != meta["sha256"]:
@@ -507,9 +726,30 @@ def _load(folder: Path, verify: bool, runtime: str, device: str) -> ModelPackage
                 model = torch.jit.load(str(folder / SCRIPTED), map_location=dev).eval()
         except Exception as exc:  # noqa: BLE001
             raise PackageError(f"{folder / SCRIPTED}: cannot load ({exc})") from exc
-        return ModelPackage(folder, card, model, runtime, dev)
+        return ModelPackage(folder, card, model, runtime, dev, centroids=_centroids(folder, card, dev))
     model = _build_eager(folder, card).to(dev)
-    return ModelPackage(folder, card, model, runtime, dev, _eager=model)
+    return ModelPackage(folder, card, model, runtime, dev, _eager=model,
+                        centroids=_centroids(folder, card, dev))
+
+
+def _centroids(folder: Path, card: dict, device: torch.device) -> Tensor | None:
+    """The OOD class centroids of a calibrated package (None for one without)."""
+    ood = card.get("ood") or {}
+    if ood.get("threshold") is None:
+        return None
+    import torch
+
+    from fedray import checkpoint
+
+    path = folder / ood.get("file", OOD)
+    try:
+        centroids = torch.as_tensor(checkpoint.load_weights(path)["centroids"])
+    except Exception as exc:  # noqa: BLE001 - a wrong or corrupt file: name it
+        raise PackageError(f"{path}: cannot read the OOD centroids ({exc})") from exc
+    if centroids.ndim != 2 or len(centroids) != len(ood.get("classes", [])):
+        raise PackageError(f"{path}: centroids of shape {tuple(centroids.shape)} for "
+                           f"{len(ood.get('classes', []))} classes")
+    return centroids.float().to(device)
 
 
 def is_package(path: Path) -> bool:
@@ -529,6 +769,9 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     exp.add_argument("--version", help="model version (default: a timestamp)")
     exp.add_argument("--format", dest="formats", nargs="+", default=["torchscript"],
                      choices=["torchscript", "none"], help="extra inference file(s)")
+    exp.add_argument("--ood-quantile", type=float, default=OOD_QUANTILE,
+                     help="abstain threshold: this quantile of the validation split's OOD "
+                          f"scores (default {OOD_QUANTILE})")
     exp.set_defaults(func=cmd_export)
 
     ver = sub.add_parser("verify", help="check a model package's files against its card")
@@ -539,11 +782,18 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
 def cmd_export(args: argparse.Namespace) -> int:
     formats = tuple(f for f in args.formats if f != "none")
     folder = export_package(args.source, args.output, name=args.name, version=args.version,
-                            formats=formats)
+                            formats=formats, ood_quantile=args.ood_quantile)
     card = json.loads((folder / CARD).read_text())
     print(f"package: {folder}")
     print(f"model {card['name']} {card['version']}  backbone {card['model']['backbone']}  "
           f"weights sha256 {card['files'][WEIGHTS]['sha256'][:16]}...")
+    ood = card["ood"]
+    if ood["threshold"] is None:
+        print(f"warning: {ood['note']}")
+    else:
+        print(f"out-of-distribution threshold {ood['threshold']:.4f} (validation quantile "
+              f"{ood['quantile']}; {100 * ood['false_abstain_rate']:.1f}% of "
+              f"{ood['validation_images']} validation images abstain)")
     return 0
 
 

@@ -15,7 +15,9 @@ from fedray import cli
 from fedray.config import load_config
 from fedray.data.shards import ShardSet
 from fedray.package import (
+    REQUIRED_FIELDS,
     PackageError,
+    _card_digest,
     config_hash,
     export_package,
     load_package,
@@ -32,9 +34,8 @@ def trained_run(tmp_path_factory, shard_dir) -> Path:
     while coordinator.run_round() is not None:
         pass
     coordinator.finish()
-    # A run made by `fedray train` keeps its shards in run/data; copy the counts there.
-    (run_dir / "data").mkdir()
-    shutil.copy(shard_dir / "shards.json", run_dir / "data" / "shards.json")
+    # A run made by `fedray train` keeps its shards (validation split included) in run/data.
+    shutil.copytree(shard_dir, run_dir / "data")
     return run_dir
 
 
@@ -224,3 +225,133 @@ def test_cli_export_and_verify(trained_run, tmp_path, capsys):
     assert cli.main(["verify", str(out)]) == 0
     assert "OK" in capsys.readouterr().out
     assert cli.main(["export", str(tmp_path / "missing"), "--output", str(tmp_path / "x")]) == 2
+
+
+# --------------------------------------------------------------------------- out of distribution
+
+
+def _odd_images(seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {"white": np.full((32, 32, 3), 255, np.uint8), "black": np.zeros((32, 32, 3), np.uint8),
+            "gray": np.full((32, 32, 3), 128, np.uint8),
+            "noise": rng.integers(0, 256, (32, 32, 3), dtype=np.uint8),
+            "noise 2": rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)}
+
+
+def test_card_states_the_ood_threshold_and_its_false_abstain_rate(package, shard_dir):
+    from fedray.data.shards import ShardDataset
+    from fedray.data.transforms import eval_preset
+    from fedray.package import ood_scores
+
+    card = verify_package(package)
+    ood = card["ood"]
+    assert ood["score"] == "feature_distance" and ood["quantile"] == 0.99
+    assert "ood.safetensors" in card["files"] and ood["file"] == "ood.safetensors"
+    # Recomputed from outside: the validation split's scores, the quantile, the share beyond.
+    shards = ShardSet.load(shard_dir)
+    val = ShardDataset.from_parquet(shards.path(shards.val), 32, eval_preset(32))
+    pkg = load_package(package)
+    _, scores = pkg.score(torch.stack([val[i][0] for i in range(len(val))]))
+    scores = scores.numpy()
+    assert ood["validation_images"] == len(val)
+    assert ood["threshold"] == pytest.approx(np.quantile(scores, 0.99, method="higher"), abs=1e-5)
+    assert ood["false_abstain_rate"] == pytest.approx(np.mean(scores > ood["threshold"]))
+    assert ood["false_abstain_rate"] <= 0.02
+    assert f"{ood['threshold']:.4f}" in (package / "card.md").read_text()
+    centroids = pkg.centroids
+    assert centroids.shape[0] == len(ood["classes"]) == 4
+    assert torch.allclose(ood_scores(torch.eye(centroids.shape[1])[:1] * 5, centroids),
+                          ood_scores(torch.eye(centroids.shape[1])[:1], centroids))
+
+
+def test_blank_and_noise_images_score_beyond_the_threshold(package, shard_dir):
+    odd = _odd_images()
+    normal = _test_images(shard_dir, 12)
+    for runtime in ("pytorch", "torchscript"):
+        pkg = load_package(package, runtime=runtime)
+        _, scores = pkg.score(pkg.preprocess(list(odd.values())))
+        beyond = dict(zip(odd, (scores > pkg.ood_threshold).tolist()))
+        assert all(beyond.values()), (runtime, beyond, scores, pkg.ood_threshold)
+        _, held_out = pkg.score(pkg.preprocess(normal))
+        assert float((held_out > pkg.ood_threshold).float().mean()) <= 0.5, held_out
+
+
+def test_a_run_without_a_validation_split_exports_a_package_that_never_abstains(trained_run,
+                                                                               tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("data"))
+    card = verify_package(export_package(run, tmp_path / "pkg", formats=()))
+    assert card["ood"]["threshold"] is None and "no validation split" in card["ood"]["note"]
+    assert load_package(tmp_path / "pkg").ood_threshold is None
+    with pytest.raises(PackageError, match="ood_quantile"):
+        export_package(run, tmp_path / "pkg2", ood_quantile=1.5)
+
+
+# --------------------------------------------------------------------------- verify hardening
+
+
+def _rewrite_card(folder: Path, edit) -> None:
+    """Edit card.json and re-hash it: a card that passes the digest, so only the check under
+    test can refuse it."""
+    card = json.loads((folder / "card.json").read_text())
+    edit(card)
+    card["card_sha256"] = _card_digest(card)
+    (folder / "card.json").write_text(json.dumps(card))
+
+
+@pytest.mark.parametrize("name, message", [
+    ("../outside.bin", "contains '..'"),
+    ("sub/../../outside.bin", "contains '..'"),
+    ("/etc/hostname", "absolute path"),
+    ("C:\\Windows\\win.ini", "absolute path"),
+])
+def test_verify_refuses_card_file_names_outside_the_package(package, tmp_path, name, message):
+    copy = _fresh_copy(package, tmp_path)
+    outside = tmp_path / "outside.bin"
+    outside.write_bytes(b"not part of the package")
+    meta = {"sha256": sha256_file(outside), "bytes": outside.stat().st_size}
+    _rewrite_card(copy, lambda card: card["files"].__setitem__(name, meta))
+    with pytest.raises(PackageError, match=f"card.json: file name .*{message}"):
+        verify_package(copy)
+    assert cli.main(["verify", str(copy)]) == 2
+
+
+def test_verify_refuses_symlinks(package, tmp_path):
+    copy = _fresh_copy(package, tmp_path)
+    real = tmp_path / "weights.real"
+    shutil.move(copy / "model.safetensors", real)
+    (copy / "model.safetensors").symlink_to(real)  # same bytes, same hash: only the link is wrong
+    with pytest.raises(PackageError, match="model.safetensors: a symlink"):
+        verify_package(copy)
+    unlisted = _fresh_copy(package, tmp_path / "second")
+    (unlisted / "notes.txt").symlink_to("/etc/hostname")
+    with pytest.raises(PackageError, match="notes.txt: a symlink"):
+        load_package(unlisted)
+
+
+@pytest.mark.parametrize("dotted", [f for f, _ in REQUIRED_FIELDS if f != "card_sha256"])
+def test_verify_names_a_missing_card_field(package, tmp_path, dotted):
+    copy = _fresh_copy(package, tmp_path)
+
+    def drop(card: dict) -> None:
+        *parents, leaf = dotted.split(".")
+        node = card
+        for key in parents:
+            node = node[key]
+        del node[leaf]
+
+    _rewrite_card(copy, drop)
+    with pytest.raises(PackageError, match=f"card.json: missing field '{dotted}'"):
+        verify_package(copy)
+
+
+def test_verify_names_mistyped_fields(package, tmp_path):
+    cases = [(lambda c: c["input"].__setitem__("image_size", "32"), "input.image_size"),
+             (lambda c: c["files"]["config.yaml"].pop("sha256"), "files.config.yaml"),
+             (lambda c: c["ood"].__setitem__("threshold", "high"), "ood.threshold"),
+             (lambda c: c["ood"].__setitem__("file", "gone.bin"), "ood.file")]
+    for i, (edit, field_name) in enumerate(cases):
+        copy = _fresh_copy(package, tmp_path / str(i))
+        _rewrite_card(copy, edit)
+        with pytest.raises(PackageError, match=f"field '{field_name}'"):
+            verify_package(copy)
