@@ -38,6 +38,8 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     prep.add_argument("--skip-bad", action="store_true", help="skip and count bad files instead of failing")
     prep.add_argument("--include-segmented", action="store_true",
                       help="use Segmented/ instead of Original/ (Kaggle ALL layout)")
+    prep.add_argument("--max-file-mb", type=float, default=None, metavar="MIB",
+                      help="size cap per image file; a larger file is a bad file (default: 64)")
     prep.set_defaults(func=cmd_data_prepare)
 
     inspect = dsub.add_parser("inspect", help="class table, groups and duplicates of a manifest")
@@ -124,7 +126,9 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
 
     from fedray.data import catalog
 
-    cat = catalog.scan(args.source, skip_bad=args.skip_bad, include_segmented=args.include_segmented)
+    cap = catalog.DEFAULT_MAX_FILE_MB if args.max_file_mb is None else args.max_file_mb
+    cat = catalog.scan(args.source, skip_bad=args.skip_bad, include_segmented=args.include_segmented,
+                       max_file_mb=cap)
     args.output.mkdir(parents=True, exist_ok=True)
     table = cat.table.replace_schema_metadata(
         {**(cat.table.schema.metadata or {}), b"fedray.root": str(cat.root.resolve()).encode()})

@@ -59,6 +59,8 @@ class DataConfig(_Strict):
     path: Path | None = Field(None, description="image folder (folder) or prepared dir (prepared)")
     include_segmented: bool = False
     skip_bad: bool = False
+    max_file_mb: float = Field(64.0, gt=0, allow_inf_nan=False,
+                               description="per-file size cap of the folder scan, MiB")
     synth: SynthConfig = SynthConfig()
     image_size: int | None = Field(None, ge=16, description="model input size; None = backbone's")
     split: SplitConfig = SplitConfig()

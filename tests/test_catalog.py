@@ -2,17 +2,28 @@
 
 from __future__ import annotations
 
+import builtins
 import hashlib
+import io
+import os
 import random
 import shutil
+import socket
+import stat
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageFile
 
+from fedray.config import DataConfig
+from fedray.data import catalog
 from fedray.data.catalog import (
+    DEFAULT_MAX_FILE_MB,
     MANIFEST_SCHEMA,
     Catalog,
     DataError,
@@ -415,3 +426,250 @@ def test_thread_pool_path_matches_files(tmp_path: Path) -> None:
     assert [s.path for s in cat.skipped] == ["Pre/cut.png"]
     for row in cat.table.to_pylist():
         assert row["sha256"] == hashlib.sha256((tmp_path / row["path"]).read_bytes()).hexdigest()
+
+
+# --------------------------------------------------------------------------- hostile folders
+
+BAD_NAME = b"caf\xe9.png"  # Latin-1 bytes: not valid UTF-8
+SHOWN_BAD_NAME = "caf\\xe9.png"
+
+
+@pytest.fixture
+def forbidden(monkeypatch):
+    """Paths that must never be opened: any opener asked for one fails the test at once (so a
+    regression fails instead of blocking on a FIFO or reading /dev/zero forever)."""
+    paths: set[str] = set()
+    real = {"os": os.open, "io": io.open, "builtins": builtins.open}
+
+    def check(target: object) -> None:
+        if isinstance(target, (str, bytes, os.PathLike)):
+            resolved = os.path.realpath(os.fsdecode(target))
+            assert resolved not in paths, f"opened {resolved}"
+
+    def guarded(opener):
+        def open_checked(file, *args, **kwargs):
+            check(file)
+            return opener(file, *args, **kwargs)
+
+        return open_checked
+
+    monkeypatch.setattr(os, "open", guarded(real["os"]))
+    monkeypatch.setattr(io, "open", guarded(real["io"]))
+    monkeypatch.setattr(builtins, "open", guarded(real["builtins"]))
+    return paths
+
+
+def make_hostile(parent: Path) -> tuple[Path, dict[str, str]]:
+    """A class-folder dataset (8 good images) plus one hostile entry of each kind; returns the
+    dataset and {manifest-spelled path: expected reason fragment}."""
+    dataset = make_plain(parent / "ds")
+    os.symlink("/dev/zero", dataset / "Benign" / "zero.png")
+    os.mkfifo(dataset / "Early" / "pipe.png")
+    make_image(parent / "elsewhere.png")
+    os.symlink(parent / "elsewhere.png", dataset / "Pre" / "outside.png")
+    make_image(Path(os.fsdecode(os.path.join(os.fsencode(dataset / "Pro"), BAD_NAME))))
+    (dataset / "Pro" / "huge.png").write_bytes(b"\x89PNG" + b"\0" * 4096)
+    expected = {
+        "Benign/zero.png": "leaves the source folder",
+        "Early/pipe.png": "a FIFO",
+        "Pre/outside.png": "leaves the source folder",
+        f"Pro/{SHOWN_BAD_NAME}": "not valid UTF-8",
+        "Pro/huge.png": "over the 0.00390625 MiB cap",
+    }
+    return dataset, expected
+
+
+HOSTILE_CAP_MB = 4 / 1024  # 4 KiB: the 8x8 test images are far smaller, huge.png is over it
+
+
+@pytest.fixture
+def hostile(tmp_path: Path, forbidden: set[str]) -> tuple[Path, dict[str, str]]:
+    if not hasattr(os, "mkfifo"):
+        pytest.skip("no FIFOs on this platform")
+    try:
+        dataset, expected = make_hostile(tmp_path)
+    except OSError as err:  # a filesystem that refuses non-UTF-8 names
+        pytest.skip(f"cannot build the hostile folder here: {err}")
+    forbidden |= {"/dev/zero", str((dataset / "Early" / "pipe.png").resolve())}
+    forbidden.add(str((dataset / "Pro" / "huge.png").resolve()))  # refused from its size alone
+    return dataset, expected
+
+
+def test_hostile_folder_gives_named_errors(hostile) -> None:
+    dataset, expected = hostile
+    with pytest.raises(DataError) as err:
+        scan(dataset, max_file_mb=HOSTILE_CAP_MB)
+    msg = str(err.value)
+    msg.encode("utf-8")  # printable: no lone surrogates from the undecodable name
+    assert msg.startswith(f"{len(expected)} problem(s)")
+    lines = {line.split(": ", 1)[0].strip(" -"): line for line in msg.splitlines()[1:]}
+    for path, reason in expected.items():
+        line = lines[str(dataset.resolve() / path)]
+        assert reason in line, line
+    assert "(points to /dev/zero)" in lines[str(dataset.resolve() / "Benign" / "zero.png")]
+
+
+def test_hostile_folder_with_skip_bad_keeps_the_good_images(hostile) -> None:
+    dataset, expected = hostile
+    cat = scan(dataset, skip_bad=True, max_file_mb=HOSTILE_CAP_MB)
+    assert label_counts(cat) == {c: 2 for c in KAGGLE_CLASSES}
+    assert {s.path: s.reason for s in cat.skipped}.keys() == expected.keys()
+    for item in cat.skipped:
+        assert expected[item.path] in item.reason
+    cat.class_table().encode("utf-8")
+    assert all(not p.endswith(("zero.png", "outside.png")) for p in cat.table["path"].to_pylist())
+
+
+def test_prepare_command_on_a_hostile_folder_finishes(tmp_path: Path) -> None:
+    """End to end in a child process with a deadline: a hang on the FIFO or an endless read of
+    /dev/zero is a timeout here, and non-UTF-8 names must print on a strict UTF-8 stdout."""
+    if not hasattr(os, "mkfifo"):
+        pytest.skip("no FIFOs on this platform")
+    try:
+        dataset, expected = make_hostile(tmp_path)
+    except OSError as err:
+        pytest.skip(f"cannot build the hostile folder here: {err}")
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8:strict", "PYTHONUTF8": "1"}
+    command = [sys.executable, "-m", "fedray.cli", "data", "prepare", "--source", str(dataset),
+               "--max-file-mb", str(HOSTILE_CAP_MB)]
+    refused = subprocess.run([*command, "--output", str(tmp_path / "no")], env=env,
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2, refused.stderr
+    for path in expected:
+        assert str(dataset / path) in refused.stderr
+    assert not (tmp_path / "no").exists()
+    done = subprocess.run([*command, "--output", str(tmp_path / "out"), "--skip-bad"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert f"skipped {len(expected)} bad files/folders" in done.stdout
+    assert f"Pro/{SHOWN_BAD_NAME}: name is not valid UTF-8" in done.stdout
+    assert pq.read_table(tmp_path / "out" / "manifest.parquet").num_rows == 8
+
+
+def test_size_cap_is_checked_before_reading(tmp_path: Path, forbidden: set[str]) -> None:
+    make_plain(tmp_path)
+    big = tmp_path / "Pro" / "big.png"
+    with big.open("wb") as stream:  # sparse: 64 MiB + 1 byte, no disk used
+        stream.truncate(int(DEFAULT_MAX_FILE_MB * 2**20) + 1)
+    forbidden.add(str(big.resolve()))
+    with pytest.raises(DataError, match=r"big\.png: file is 67,108,865 bytes \(64\.0 MiB\), over "
+                                        r"the 64 MiB cap \(data\.max_file_mb, --max-file-mb\)"):
+        scan(tmp_path)
+    cat = scan(tmp_path, skip_bad=True)
+    assert [s.path for s in cat.skipped] == ["Pro/big.png"] and cat.table.num_rows == 8
+    assert DataConfig().max_file_mb == DEFAULT_MAX_FILE_MB
+
+
+def test_read_stops_at_cap_plus_one_byte(tmp_path: Path, monkeypatch) -> None:
+    """A file that grows after its stat (its stat says 0 bytes) is still read only to cap + 1."""
+    make_plain(tmp_path)
+    grown = tmp_path / "Pre" / "grown.png"
+    grown.write_bytes(b"\0" * 50_000)
+    grown_path = str(grown.resolve())
+    real_stat, real_read = os.stat, os.read
+    read = []
+
+    def stat_says_empty(path, *args, **kwargs):
+        result = real_stat(path, *args, **kwargs)
+        if os.fspath(path) == grown_path:
+            values = list(result[:10])
+            values[stat.ST_SIZE] = 0
+            return os.stat_result(values)
+        return result
+
+    def counted_read(fd, n):
+        chunk = real_read(fd, n)
+        read.append(len(chunk))
+        return chunk
+
+    monkeypatch.setattr(os, "stat", stat_says_empty)
+    monkeypatch.setattr(os, "read", counted_read)
+    cap_mb = 10_000 / 2**20
+    cat = scan(tmp_path, skip_bad=True, max_file_mb=cap_mb)
+    assert [(s.path, "file grew while being read" in s.reason) for s in cat.skipped] == [
+        ("Pre/grown.png", True)
+    ]
+    assert max(read) <= 10_001
+
+
+def test_symlinks_inside_the_source_are_followed(tmp_path: Path) -> None:
+    dataset = make_plain(tmp_path / "ds")
+    os.symlink(dataset / "Benign" / "img_000.png", dataset / "Pro" / "link.png")
+    os.symlink("../Benign/img_001.jpg", dataset / "Pre" / "rel.jpg")
+    cat = scan(dataset)
+    assert cat.table.num_rows == 10
+    assert cat.duplicates == [["Benign/img_000.png", "Pro/link.png"],
+                              ["Benign/img_001.jpg", "Pre/rel.jpg"]]
+    # the source may itself be a link: containment is judged on resolved paths
+    os.symlink(dataset, tmp_path / "alias")
+    assert scan(tmp_path / "alias").table.equals(cat.table)
+
+
+def test_linked_folders_are_reported_not_followed(tmp_path: Path) -> None:
+    dataset = make_plain(tmp_path / "ds")
+    make_class_folders(tmp_path / "elsewhere", {"Early": 3})
+    shutil.rmtree(dataset / "Early")
+    os.symlink(tmp_path / "elsewhere" / "Early", dataset / "Early")  # a class folder outside
+    os.symlink(dataset / "Benign", dataset / "Pro" / "loop")  # a folder link inside
+    os.symlink("/", dataset / "Misc")  # an unknown folder: not walked
+    with pytest.raises(DataError) as err:
+        scan(dataset)
+    msg = str(err.value)
+    assert msg.startswith("3 problem(s)")
+    assert f"{dataset / 'Early'}: symlink that leaves the source folder" in msg
+    assert f"{dataset / 'Pro' / 'loop'}: symlink to a folder" in msg
+    assert f"{dataset / 'Misc'}: unknown folder 'Misc' (a symlink to /, not followed)" in msg
+    cat = scan(dataset, skip_bad=True)
+    assert label_counts(cat) == {"Benign": 2, "Pre": 2, "Pro": 2}
+    assert [s.path for s in cat.skipped] == ["Early/", "Misc/", "Pro/loop/"]
+
+
+def test_dataset_reached_through_an_outside_link_is_refused(tmp_path: Path) -> None:
+    make_plain(tmp_path / "real")
+    (tmp_path / "source").mkdir()
+    os.symlink(tmp_path / "real", tmp_path / "source" / "data")
+    with pytest.raises(DataError, match="reached through a symlink that leaves the source") as err:
+        scan(tmp_path / "source", skip_bad=True)
+    assert str(tmp_path / "real") in str(err.value)
+    assert scan(tmp_path / "real").table.num_rows == 8
+
+
+def test_socket_and_device_are_not_regular_files(tmp_path: Path) -> None:
+    make_plain(tmp_path)
+    sock = socket.socket(socket.AF_UNIX)
+    try:
+        sock.bind(str(tmp_path / "Pro" / "s.png"))  # a socket file only: nothing listens
+    except OSError as err:
+        pytest.skip(f"cannot make a unix socket here: {err}")
+    finally:
+        sock.close()
+    with pytest.raises(DataError, match=r"s\.png: not a regular file: a socket; not read"):
+        scan(tmp_path)
+    assert catalog._kind(os.stat("/dev/zero").st_mode) == "a character device"
+    assert catalog._kind(stat.S_IFBLK) == "a block device"
+
+
+def test_non_utf8_names_are_escaped_everywhere(tmp_path: Path) -> None:
+    make_plain(tmp_path)
+    patient = os.path.join(os.fsencode(tmp_path / "Benign"), b"p\xff")
+    try:
+        os.mkdir(patient)
+    except OSError as err:
+        pytest.skip(f"this filesystem refuses non-UTF-8 names: {err}")
+    make_image(Path(os.fsdecode(os.path.join(patient, b"ok.png"))))
+    cat = scan(tmp_path, skip_bad=True)
+    assert [s.path for s in cat.skipped] == ["Benign/p\\xff/ok.png"]
+    assert cat.table.num_rows == 8
+    pa.Table.from_pylist([{"path": s.path} for s in cat.skipped])  # storable as strings
+    odd_root = Path(os.fsdecode(os.path.join(os.fsencode(tmp_path), b"root\xfe")))
+    make_plain(odd_root)
+    with pytest.raises(DataError, match=r"root\\xfe: the folder's path is not valid UTF-8") as err:
+        scan(odd_root)
+    str(err.value).encode("utf-8")
+
+
+@pytest.mark.parametrize("cap", [0, -1, float("inf"), float("nan")])
+def test_size_cap_must_be_positive(tmp_path: Path, cap: float) -> None:
+    make_plain(tmp_path)
+    with pytest.raises(DataError, match="max_file_mb must be a positive number"):
+        scan(tmp_path, max_file_mb=cap)

@@ -29,6 +29,13 @@ Decisions worth knowing:
   problem is either an error or, with ``skip_bad=True``, an entry in ``Catalog.skipped``.
 * Loose *non-image* files next to the class folders (README, LICENSE) are ignored; loose
   *image* files there are reported, since they would otherwise be dropped without a class.
+* Hostile folders. Only regular files are read: FIFOs, devices and sockets are refused from
+  ``stat`` before anything is opened (and the opened file is checked again, without blocking).
+  Symlinks are resolved and refused when they leave the source folder; symlinked folders
+  below a class folder are reported, not followed (they could loop or count files twice).
+  Each file has a size cap (``max_file_mb``, 64 MiB by default) and at most cap + 1 bytes are
+  ever read. A name that is not valid UTF-8 cannot go into the manifest; it is reported with
+  its undecodable bytes escaped (``caf\\xe9.png``), as is every name in every message.
 """
 
 from __future__ import annotations
@@ -36,11 +43,13 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import stat
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import pyarrow as pa
@@ -49,6 +58,7 @@ from PIL import Image, ImageFile
 from fedray.data.labels import CLASSES, FOLDER_ALIASES, canonical_class
 
 __all__ = [
+    "DEFAULT_MAX_FILE_MB",
     "IMAGE_EXTENSIONS",
     "LAYOUTS",
     "MANIFEST_SCHEMA",
@@ -90,6 +100,11 @@ IGNORED_NAMES: frozenset[str] = frozenset({"thumbs.db", "desktop.ini", "__macosx
 MAX_SEARCH_DEPTH = 3  # levels below `source` searched for a layout (parent/top/dataset/...)
 MAX_LISTED_PROBLEMS = 20
 MAX_WORKERS = 8
+DEFAULT_MAX_FILE_MB = 64.0  # the largest Kaggle ALL image is under 1 MiB
+_READ_CHUNK = 1 << 20
+# Never block on open (a FIFO swapped in after the stat), never follow a final symlink.
+_OPEN_FLAGS = (os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOFOLLOW", 0)
+               | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0))
 
 MANIFEST_SCHEMA = pa.schema(
     [
@@ -110,10 +125,31 @@ class DataError(ValueError):
 
 @dataclass
 class Skipped:
-    """One file or folder left out of the manifest, and why (path relative to ``Catalog.root``)."""
+    """One file or folder left out of the manifest, and why (path relative to ``Catalog.root``,
+    bytes that are not UTF-8 shown as ``\\xNN``)."""
 
     path: str
     reason: str
+
+
+def _show(path: str | os.PathLike[str]) -> str:
+    """A path as it can always be printed and stored: bytes that are not UTF-8 (kept by Python
+    as surrogate escapes) are shown as ``\\xNN``; valid names are unchanged."""
+    text = os.fspath(path)
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _inside(path: Path, source: Path) -> bool:
+    """Whether `path`, with every symlink resolved, is `source` or below it."""
+    return Path(os.path.realpath(path)).is_relative_to(source)
 
 
 @dataclass
@@ -130,7 +166,7 @@ class Catalog:
         """Image counts per class (all classes, zeros included) for logs and the CLI."""
         counts = Counter(self.table.column("label").to_pylist())
         width = max(len(name) for name in (*CLASSES, "total"))
-        lines = [f"{self.layout} at {self.root}", f"{'class':<{width}}  images"]
+        lines = [f"{self.layout} at {_show(self.root)}", f"{'class':<{width}}  images"]
         lines += [f"{name:<{width}}  {counts.get(name, 0):>6}" for name in CLASSES]
         lines.append(f"{'total':<{width}}  {self.table.num_rows:>6}")
         lines.append(f"skipped: {len(self.skipped)}  duplicate groups: {len(self.duplicates)}")
@@ -211,12 +247,21 @@ def _check_source(source: Path) -> Path:
     """Fail early, naming the path, when `source` cannot be a dataset folder."""
     source = Path(source).expanduser()
     if not source.exists():
-        raise DataError(f"{source}: no such folder; pass the folder you extracted the dataset into")
+        raise DataError(
+            f"{_show(source)}: no such folder; pass the folder you extracted the dataset into"
+        )
     if not source.is_dir():
         raise DataError(
-            f"{source}: is a file, not a folder; extract the archive and pass the folder instead"
+            f"{_show(source)}: is a file, not a folder; extract the archive and pass the folder "
+            "instead"
         )
-    return source.resolve()
+    resolved = source.resolve()
+    if not _is_utf8(str(resolved)):
+        raise DataError(
+            f"{_show(resolved)}: the folder's path is not valid UTF-8 (undecodable bytes shown "
+            "as \\xNN), so the manifest cannot record it; rename it or move the dataset"
+        )
+    return resolved
 
 
 def _locate(source: Path, include_segmented: bool) -> _Located:
@@ -225,16 +270,30 @@ def _locate(source: Path, include_segmented: bool) -> _Located:
     found = _search(source, include_segmented)
     if not found:
         raise DataError(
-            f"{source}: no recognisable dataset layout within {MAX_SEARCH_DEPTH} folder levels. "
+            f"{_show(source)}: no recognisable dataset layout within {MAX_SEARCH_DEPTH} folder "
+            "levels. "
             f"Expected one of:\n{_expected_layouts()}\n"
             "Pass the dataset folder (or a parent holding exactly one dataset)."
         )
     if len(found) > 1:
-        listed = "\n".join(f"  - {loc.root} ({loc.layout})" for loc in found)
+        listed = "\n".join(f"  - {_show(loc.root)} ({loc.layout})" for loc in found)
         raise DataError(
-            f"{source}: holds {len(found)} datasets; pass exactly one of these folders:\n{listed}"
+            f"{_show(source)}: holds {len(found)} datasets; pass exactly one of these folders:"
+            f"\n{listed}"
         )
     located = found[0]
+    for folder in (located.root, located.class_parent):
+        if folder is not None and not _inside(folder, source):
+            raise DataError(
+                f"{_show(folder)}: reached through a symlink that leaves the source folder "
+                f"{_show(source)} (it points to {_show(os.path.realpath(folder))}); pass the "
+                "dataset folder itself"
+            )
+        if folder is not None and not _is_utf8(str(folder)):
+            raise DataError(
+                f"{_show(folder)}: the dataset folder's path is not valid UTF-8 (undecodable "
+                "bytes shown as \\xNN), so the manifest cannot record it; rename it"
+            )
     if located.class_parent is None or not _has_class_folder(located.class_parent):
         wanted, other, flag = (
             ("Segmented", "Original", "include_segmented=False")
@@ -242,7 +301,7 @@ def _locate(source: Path, include_segmented: bool) -> _Located:
             else ("Original", "Segmented", "include_segmented=True")
         )
         raise DataError(
-            f"{located.root}: kaggle-original layout without class folders in {wanted}/; "
+            f"{_show(located.root)}: kaggle-original layout without class folders in {wanted}/; "
             f"add {wanted}/{{Benign,Early,Pre,Pro}}/ or pass {flag} to scan {other}/ instead"
         )
     return located
@@ -279,8 +338,9 @@ class _Candidate:
 
 
 def _rel(path: Path, root: Path) -> str:
-    """Manifest spelling of a path: relative to the catalog root, POSIX separators."""
-    return path.relative_to(root).as_posix()
+    """Manifest spelling of a path: relative to the catalog root, POSIX separators; bytes that
+    are not UTF-8 escaped (such a file never reaches the manifest, only messages)."""
+    return _show(path.relative_to(root).as_posix())
 
 
 def _walk_files(folder: Path, root: Path, problems: list[Skipped]) -> list[Path]:
@@ -292,9 +352,34 @@ def _walk_files(folder: Path, root: Path, problems: list[Skipped]) -> list[Path]
 
     files: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(folder, onerror=on_error):
-        dirnames[:] = sorted(d for d in dirnames if not _is_ignored(d))
+        kept = []
+        for name in sorted(d for d in dirnames if not _is_ignored(d)):
+            sub = Path(dirpath, name)
+            if sub.is_symlink():
+                problems.append(Skipped(_rel(sub, root) + "/", _linked_folder(sub)))
+            else:
+                kept.append(name)
+        dirnames[:] = kept
         files.extend(Path(dirpath, f) for f in filenames if not _is_ignored(f))
     return sorted(files)
+
+
+def _linked_folder(folder: Path) -> str:
+    """Reason text for a symlinked folder below a class folder (never followed)."""
+    target = _show(os.path.realpath(folder))
+    return (
+        f"symlink to a folder (points to {target}); not followed, since a link can loop or "
+        "count images twice. Replace it with the folder itself or delete it"
+    )
+
+
+def _outside(folder: Path, source: Path) -> str:
+    """Reason text for a folder whose resolved path leaves the source folder."""
+    return (
+        f"symlink that leaves the source folder {_show(source)} (points to "
+        f"{_show(os.path.realpath(folder))}); not followed. Copy the folder into the dataset or "
+        "delete the link"
+    )
 
 
 def _cannot_list(err: OSError) -> str:
@@ -322,16 +407,21 @@ def _loose_images(folder: Path, root: Path) -> list[Skipped]:
 
 
 def _unknown_folder(folder: Path, root: Path, expected: str) -> Skipped:
-    """Record an unknown subfolder, saying how many files it holds so nothing vanishes unseen."""
-    n_files = sum(len(files) for _, _, files in os.walk(folder))
+    """Record an unknown subfolder, saying how many files it holds so nothing vanishes unseen
+    (a symlinked one is not walked: it could point anywhere)."""
+    name = _show(folder.name)
+    if folder.is_symlink():
+        contents = f"a symlink to {_show(os.path.realpath(folder))}, not followed"
+    else:
+        contents = f"{sum(len(files) for _, _, files in os.walk(folder))} files not scanned"
     return Skipped(
         _rel(folder, root) + "/",
-        f"unknown folder {folder.name!r} ({n_files} files not scanned); expected {expected}. "
+        f"unknown folder {name!r} ({contents}); expected {expected}. "
         "Rename it to a class name or move it out of the dataset",
     )
 
 
-def _collect(located: _Located) -> tuple[list[_Candidate], list[Skipped]]:
+def _collect(located: _Located, source: Path) -> tuple[list[_Candidate], list[Skipped]]:
     """Walk the class folders: image candidates to decode, plus folder/file-level problems."""
     root, class_parent = located.root, located.class_parent
     assert class_parent is not None
@@ -353,11 +443,23 @@ def _collect(located: _Located) -> tuple[list[_Candidate], list[Skipped]]:
         if label is None:
             problems.append(_unknown_folder(folder, root, class_names))
             continue
+        if not _inside(folder, source):
+            problems.append(Skipped(_rel(folder, root) + "/", _outside(folder, source)))
+            continue
         files = _walk_files(folder, root, problems)
         if not files:
             reason = "empty class folder (no image files); add its images or delete the folder"
             problems.append(Skipped(_rel(folder, root) + "/", reason))
         for path in files:
+            if not _is_utf8(str(path)):
+                problems.append(
+                    Skipped(
+                        _rel(path, root),
+                        "name is not valid UTF-8 (undecodable bytes shown as \\xNN), so the "
+                        "manifest cannot record it; rename it to UTF-8",
+                    )
+                )
+                continue
             if not _is_image_name(path):
                 problems.append(
                     Skipped(
@@ -398,13 +500,89 @@ def _strict_decoding() -> Iterator[None]:
         ImageFile.LOAD_TRUNCATED_IMAGES = previous
 
 
-def _decode(path: Path) -> _Decoded:
-    """Read the file once, hash those bytes and fully decode them (catches truncation)."""
+_KINDS = (
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISDIR, "a folder"),
+)
+
+
+def _kind(mode: int) -> str:
+    """What a non-regular file is, in words."""
+    return next((name for test, name in _KINDS if test(mode)), "not a regular file")
+
+
+def _too_big(what: str, max_file_mb: float) -> str:
+    return (
+        f"{what}, over the {max_file_mb:g} MiB cap (data.max_file_mb, --max-file-mb); "
+        "not read. Raise the cap if it is a real image, or delete it"
+    )
+
+
+def _read_regular(path: Path, source: Path, max_file_mb: float) -> bytearray | str:
+    """The bytes of `path`, or why it was not read: only a regular file inside `source`, at
+    most the cap, checked with ``stat`` before opening and with ``fstat`` on the open file."""
+    cap = int(max_file_mb * 2**20)
+    target = Path(os.path.realpath(path))
+    via = "" if target == path else f" (through a symlink to {_show(target)})"
+    if not target.is_relative_to(source):
+        return (
+            f"symlink that leaves the source folder {_show(source)} (points to {_show(target)}); "
+            "not followed. Copy the file into the dataset or delete the link"
+        )
     try:
-        data = path.read_bytes()
+        before = os.stat(target)
+    except FileNotFoundError:
+        if via:
+            return (
+                f"broken symlink (points to {_show(target)}, which does not exist); fix it or "
+                "delete it"
+            )
+        return "file disappeared during the scan; scan again"
     except OSError as err:
-        reason = f"cannot read file ({err.strerror}); fix its permissions or delete it"
-        return _Decoded(error=reason)
+        return f"cannot read file{via} ({err.strerror}); fix it or delete it"
+    if not stat.S_ISREG(before.st_mode):
+        return (
+            f"not a regular file: {_kind(before.st_mode)}{via}; not read. Replace it with the "
+            "image file or delete it"
+        )
+    if before.st_size > cap:
+        size = before.st_size
+        return _too_big(f"file is {size:,} bytes ({size / 2**20:.1f} MiB)", max_file_mb)
+    try:
+        fd = os.open(target, _OPEN_FLAGS)
+    except OSError as err:
+        return f"cannot read file{via} ({err.strerror}); fix its permissions or delete it"
+    try:
+        opened = os.fstat(fd)
+        if not stat.S_ISREG(opened.st_mode) or (opened.st_dev, opened.st_ino) != (
+            before.st_dev,
+            before.st_ino,
+        ):
+            return f"file was replaced while being scanned{via}; not read. Scan again"
+        data = bytearray()
+        while len(data) <= cap:
+            chunk = os.read(fd, min(_READ_CHUNK, cap + 1 - len(data)))
+            if not chunk:
+                break
+            data += chunk
+    except OSError as err:
+        return f"cannot read file{via} ({err.strerror}); fix it or delete it"
+    finally:
+        os.close(fd)
+    if len(data) > cap:
+        return _too_big("file grew while being read", max_file_mb)
+    return data
+
+
+def _decode(path: Path, source: Path, max_file_mb: float) -> _Decoded:
+    """Read the file once (a regular file inside `source`, within the cap), hash those bytes
+    and fully decode them (catches truncation)."""
+    data = _read_regular(path, source, max_file_mb)
+    if isinstance(data, str):
+        return _Decoded(error=data)
     digest = hashlib.sha256(data).hexdigest()
     try:
         with Image.open(io.BytesIO(data), formats=PIL_FORMATS) as image:
@@ -419,13 +597,14 @@ def _decode(path: Path) -> _Decoded:
     return _Decoded(digest, width, height)
 
 
-def _decode_all(paths: list[Path]) -> list[_Decoded]:
+def _decode_all(paths: list[Path], source: Path, max_file_mb: float) -> list[_Decoded]:
     """Decode in a small thread pool (file reads and hashing release the GIL); order kept."""
+    decode = partial(_decode, source=source, max_file_mb=max_file_mb)
     if len(paths) < 2 * MAX_WORKERS:
-        return [_decode(p) for p in paths]
+        return [decode(p) for p in paths]
     workers = min(MAX_WORKERS, (os.cpu_count() or 1) * 2)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(_decode, paths, chunksize=16))
+        return list(pool.map(decode, paths, chunksize=16))
 
 
 # --------------------------------------------------------------------------- scan
@@ -434,11 +613,13 @@ def _decode_all(paths: list[Path]) -> list[_Decoded]:
 def _problems_message(root: Path, layout: str, problems: list[Skipped]) -> str:
     """One error listing the first problems with full paths, and how many there are in all."""
     shown = problems[:MAX_LISTED_PROBLEMS]
-    lines = [f"{len(problems)} problem(s) in {layout} dataset at {root}:"]
-    lines += [f"  - {root / p.path.rstrip('/')}: {p.reason}" for p in shown]
+    lines = [f"{len(problems)} problem(s) in {layout} dataset at {_show(root)}:"]
+    lines += [f"  - {_show(root / p.path.rstrip('/'))}: {p.reason}" for p in shown]
     if len(problems) > len(shown):
         lines.append(f"  ... and {len(problems) - len(shown)} more")
-    lines.append("Fix them, or pass skip_bad=True to skip them (listed in Catalog.skipped).")
+    lines.append(
+        "Fix them, or pass skip_bad=True (--skip-bad) to skip them (listed in Catalog.skipped)."
+    )
     return "\n".join(lines)
 
 
@@ -465,20 +646,31 @@ def _build_table(rows: list[tuple[_Candidate, _Decoded]], root: Path, layout: st
     return pa.table(columns, schema=MANIFEST_SCHEMA)
 
 
-def scan(source: Path, *, skip_bad: bool = False, include_segmented: bool = False) -> Catalog:
+def scan(
+    source: Path,
+    *,
+    skip_bad: bool = False,
+    include_segmented: bool = False,
+    max_file_mb: float = DEFAULT_MAX_FILE_MB,
+) -> Catalog:
     """Catalog every image of the single dataset found under `source`.
 
-    Every file in a class folder is hashed and fully decoded from one read of its bytes.
+    Every file in a class folder is hashed and fully decoded from one read of its bytes; only
+    regular files inside `source` (symlinks resolved) of at most `max_file_mb` MiB are read,
+    and names that are not valid UTF-8 are refused (see the module docstring).
     All problems are collected first; without `skip_bad` they are raised together as one
     :class:`DataError` (first 20 listed, plus the total), with it they land in
     ``Catalog.skipped``. Fewer than two usable classes, a missing source and an unrecognised
     layout always raise. `include_segmented` scans Kaggle's ``Segmented/`` instead of
     ``Original/`` (only meaningful for the kaggle-original layout).
     """
+    if not 0 < max_file_mb < float("inf"):
+        raise DataError(f"max_file_mb must be a positive number of MiB, got {max_file_mb!r}")
+    source = _check_source(source)
     located = _locate(source, include_segmented)
-    candidates, problems = _collect(located)
+    candidates, problems = _collect(located, source)
     with _strict_decoding():
-        decoded = _decode_all([c.path for c in candidates])
+        decoded = _decode_all([c.path for c in candidates], source, max_file_mb)
 
     rows: list[tuple[_Candidate, _Decoded]] = []
     for cand, result in zip(candidates, decoded):
@@ -496,8 +688,9 @@ def scan(source: Path, *, skip_bad: bool = False, include_segmented: bool = Fals
         found = ", ".join(present) or "none"
         skipped = f" ({len(problems)} file(s)/folder(s) were skipped as bad)" if problems else ""
         raise DataError(
-            f"{located.root}: only {len(present)} class with usable images ({found}); training "
-            f"needs at least two of {', '.join(CLASSES)}. Add class folders with images{skipped}"
+            f"{_show(located.root)}: only {len(present)} class with usable images ({found}); "
+            f"training needs at least two of {', '.join(CLASSES)}. Add class folders with "
+            f"images{skipped}"
         )
     duplicates = _duplicates(table.column("path").to_pylist(), table.column("sha256").to_pylist())
     return Catalog(table, located.layout, located.root, problems, duplicates)
