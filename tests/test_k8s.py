@@ -1,5 +1,7 @@
 """The Kubernetes deployment (k8s/): KubeRay v1.7.0 schemas, the Serve config, and resources
-that agree with each other, with the image and with the configs they name. No cluster needed.
+that agree with each other, with the image and with the configs they name; and nothing open on
+a cluster (token auth, NetworkPolicies, restricted non-root pods, bounded disk). No cluster
+needed.
 
 The overlays are rendered here in Python (the part of kustomize they use: resources and JSON
 6902 patches); where kubectl is installed, its kustomize must render the same objects.
@@ -677,3 +679,341 @@ def test_dockerfile_matches_pyproject():
         for item in map(ROOT.joinpath, source.split()):
             assert item.is_file() or any(p.is_file() for p in item.rglob("*")), \
                 f"the Dockerfile copies {item.relative_to(ROOT)}, which holds no file"
+
+
+# --- locked down: token auth, NetworkPolicies, non-root pods, bounded disk -----------------
+
+TOKEN_SECRET = "fedray-ray-token"   # authOptions.secretName of every cluster
+TOKEN_KEY = "auth_token"            # the Secret's key that KubeRay reads the token from
+AUTH_VARIABLES = {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"}
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+CLUSTER_LABEL = "fedray.io/cluster"
+SUBMITTER = {"fedray.io/submitter": "true"}
+SERVE_CLIENT = {"fedray.io/serve-client": "true"}
+OPERATOR = {"app.kubernetes.io/component": "kuberay-operator"}
+DASHBOARD, CLIENT, GCS, SERVE = 8265, 10001, 6379, 8000
+PROBE_PORTS = (GCS, DASHBOARD, CLIENT, SERVE, 8080, 10002, 19999, 52365)  # metrics, workers, agent
+RESTRICTED = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+
+
+def with_shell(docs: list[dict]) -> list[dict]:
+    return docs + load_docs(K8S / "storage-shell.yaml")
+
+
+def all_pod_specs(doc: dict) -> list[dict]:
+    return [doc["spec"]] if doc["kind"] == "Pod" else pod_specs(doc)
+
+
+def dockerfile_user() -> tuple[int, int]:
+    """The image's final USER as numbers (a name would leave runAsNonRoot unverifiable)."""
+    users = re.findall(r"^USER (\S+)$", (K8S / "Dockerfile").read_text(), flags=re.M)
+    assert users, "k8s/Dockerfile sets no USER: the image would run as root"
+    match = re.fullmatch(r"(\d+):(\d+)", users[-1])
+    assert match, f"k8s/Dockerfile's last USER {users[-1]!r} is not numeric uid:gid"
+    uid, gid = int(match[1]), int(match[2])
+    assert uid != 0, "k8s/Dockerfile ends as root"
+    return uid, gid
+
+
+def auth_problems(docs: list[dict]) -> list[str]:
+    """Every cluster takes Ray's token from the Secret; nothing turns it off or replaces it."""
+    problems = []
+    for doc in ray_docs(docs):
+        name, spec = f"{doc['kind']}/{doc['metadata']['name']}", cluster_spec(doc)
+        auth = spec.get("authOptions") or {}
+        if auth.get("mode") != "token":
+            problems.append(f"{name}: authOptions.mode is {auth.get('mode')!r}, not 'token'")
+        if auth.get("secretName") != TOKEN_SECRET:
+            problems.append(f"{name}: authOptions.secretName is {auth.get('secretName')!r}, "
+                            f"not the Secret {TOKEN_SECRET}")
+        if auth.get("enableK8sTokenAuth"):
+            problems.append(f"{name}: enableK8sTokenAuth (KubeRay: RayCluster only, no Secret)")
+        ray = tuple(int(x) for x in spec["rayVersion"].split(".")[:2])
+        if ray < (2, 52):
+            problems.append(f"{name}: Ray {spec['rayVersion']} has no token auth (2.52+)")
+        for container in containers(doc):  # KubeRay keeps a container's own value of these
+            own = {e["name"] for e in container.get("env", [])} & AUTH_VARIABLES
+            if own:
+                problems.append(f"{name}: {container['name']} sets {sorted(own)} itself, "
+                                "overriding the Secret's token")
+    problems += [f"Secret/{d['metadata']['name']}: a token committed to the repository"
+                 for d in docs if d["kind"] == "Secret"]
+    return problems
+
+
+def dashboard_problems(docs: list[dict]) -> list[str]:
+    """A dashboard beyond loopback (KubeRay's default is 0.0.0.0) only behind token auth: it
+    runs any job it is sent, and jobs read the volumes and the pods' Secrets."""
+    problems = []
+    for doc in ray_docs(docs):
+        spec = cluster_spec(doc)
+        host = spec["headGroupSpec"]["rayStartParams"].get("dashboard-host", "0.0.0.0")
+        if host not in LOOPBACK and (spec.get("authOptions") or {}).get("mode") != "token":
+            problems.append(f"{doc['kind']}/{doc['metadata']['name']}: the dashboard listens "
+                            f"on {host} without token auth")
+    return problems
+
+
+def security_problems(docs: list[dict]) -> list[str]:
+    """Every container runs as the image's non-root user, cannot gain privileges, holds no
+    capability and runs under the runtime's default seccomp profile."""
+    uid, gid = dockerfile_user()
+    problems = []
+    for doc in docs:
+        name = f"{doc['kind']}/{doc['metadata']['name']}"
+        for spec in all_pod_specs(doc):
+            pod = spec.get("securityContext") or {}
+            for container in spec["containers"] + spec.get("initContainers", []):
+                own = container.get("securityContext") or {}
+                where = f"{name} {container['name']}"
+                effective = {k: own.get(k, pod.get(k)) for k in
+                             ("runAsNonRoot", "runAsUser", "runAsGroup", "seccompProfile")}
+                if effective["runAsNonRoot"] is not True:
+                    problems.append(f"{where}: runAsNonRoot is not true")
+                if (effective["runAsUser"], effective["runAsGroup"]) != (uid, gid):
+                    problems.append(f"{where}: runs as {effective['runAsUser']}:"
+                                    f"{effective['runAsGroup']}, the image's user is {uid}:{gid}")
+                if effective["seccompProfile"] != {"type": "RuntimeDefault"}:
+                    problems.append(f"{where}: seccompProfile {effective['seccompProfile']}")
+                problems += [f"{where}: securityContext.{k} is {own.get(k)!r}, not {v!r}"
+                             for k, v in RESTRICTED.items() if own.get(k) != v]
+                if own.get("privileged"):
+                    problems.append(f"{where}: privileged")
+        for options in find(doc, "autoscalerOptions"):  # a sidecar in the head pod
+            own = options.get("securityContext") or {}
+            problems += [f"{name} autoscaler: securityContext.{k} is {own.get(k)!r}, not {v!r}"
+                         for k, v in RESTRICTED.items() if own.get(k) != v]
+    return problems
+
+
+def storage_problems(docs: list[dict]) -> list[str]:
+    problems = []
+    for doc in docs:
+        resources = [(c["name"], c.get("resources", {})) for c in containers(doc)]
+        resources += [("autoscaler", a.get("resources", {}))
+                      for a in find(doc, "autoscalerOptions")]
+        for container, r in resources:
+            for kind in ("requests", "limits"):
+                value = r.get(kind, {}).get("ephemeral-storage")
+                if value is None or quantity(value) <= 0:
+                    problems.append(f"{doc['metadata']['name']} {container}: no "
+                                    f"ephemeral-storage in {kind}")
+    return problems
+
+
+# NetworkPolicy semantics, for the fields these manifests may use: a pod that some policy
+# selects takes only what a rule of one of those policies admits; an empty or missing `from`
+# admits everyone, missing `ports` every port; a peer with only podSelector means this
+# namespace, a namespaceSelector ({} is every namespace) other namespaces too.
+
+def selects(selector: dict, labels: dict) -> bool:
+    assert set(selector) <= {"matchLabels", "matchExpressions"}, selector
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for expr in selector.get("matchExpressions", []):
+        key, values = expr["key"], expr.get("values", [])
+        matches = {"In": labels.get(key) in values, "NotIn": labels.get(key) not in values,
+                   "Exists": key in labels, "DoesNotExist": key not in labels}
+        if not matches[expr["operator"]]:
+            return False
+    return True
+
+
+def source(labels: dict, namespace: str = "same", namespace_labels: dict | None = None) -> dict:
+    return {"labels": labels, "namespace": namespace, "namespace_labels": namespace_labels or {}}
+
+
+def peer_admits(peer: dict, src: dict) -> bool:
+    assert set(peer) <= {"podSelector", "namespaceSelector"}, \
+        f"{peer}: an ipBlock admits by address, which no pod label can vouch for"
+    if "namespaceSelector" in peer:
+        if not selects(peer["namespaceSelector"], src["namespace_labels"]):
+            return False
+    elif src["namespace"] != "same":
+        return False
+    return selects(peer.get("podSelector", {}), src["labels"])
+
+
+def rule_ports(rule: dict) -> list[int] | None:
+    """The TCP ports a rule opens, None for all of them."""
+    if not rule.get("ports"):
+        return None
+    ports = []
+    for entry in rule["ports"]:
+        assert entry.get("protocol", "TCP") == "TCP" and isinstance(entry["port"], int), entry
+        ports += range(entry["port"], entry.get("endPort", entry["port"]) + 1)
+    return ports
+
+
+def reachable(policies: list[dict], target: dict, src: dict, port: int) -> bool:
+    """Whether `src` may open a TCP connection to `port` of a pod labelled `target` in the
+    policies' namespace."""
+    selecting = [p for p in policies if selects(p["spec"]["podSelector"], target)
+                 and "Ingress" in p["spec"].get("policyTypes", ["Ingress"])]
+    if not selecting:
+        return True
+    return any((not rule.get("from") or any(peer_admits(peer, src) for peer in rule["from"]))
+               and (rule_ports(rule) is None or port in rule_ports(rule))
+               for policy in selecting for rule in policy["spec"].get("ingress", []))
+
+
+def ray_pods(doc: dict) -> dict[str, dict]:
+    """'head' and each worker group's name: the template's labels and declared ports."""
+    spec = cluster_spec(doc)
+    groups = {"head": spec["headGroupSpec"]} | {g["groupName"]: g for g in spec["workerGroupSpecs"]}
+    return {name: {"labels": g["template"].get("metadata", {}).get("labels", {}),
+                   "ports": {p["containerPort"] for c in g["template"]["spec"]["containers"]
+                             for p in c.get("ports", [])}}
+            for name, g in groups.items()}
+
+
+def network_problems(docs: list[dict]) -> list[str]:
+    """Each cluster's pods take every port from each other and nothing from anyone else, but
+    the head's dashboard from the submitters (RayJobs: from KubeRay too; the standalone
+    cluster: its Ray Client port as well) and the Serve workers' 8000 from serve clients."""
+    policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    if not policies:
+        return ["no NetworkPolicy: every pod may reach every Ray port"]
+    problems = []
+    for policy in policies:
+        name, spec = policy["metadata"]["name"], policy["spec"]
+        if set(spec) - {"podSelector", "policyTypes", "ingress"} or \
+                spec.get("policyTypes") != ["Ingress"]:
+            problems.append(f"NetworkPolicy/{name}: only Ingress rules are checked here")
+    clusters = {}
+    for doc in ray_docs(docs):
+        pods = ray_pods(doc)
+        names = {pod["labels"].get(CLUSTER_LABEL) for pod in pods.values()}
+        if len(names) != 1 or None in names:
+            problems.append(f"{doc['kind']}/{doc['metadata']['name']}: its pods' {CLUSTER_LABEL} "
+                            f"labels are {names}, not one name")
+        clusters[(doc["kind"], doc["metadata"]["name"])] = (doc, pods, names.pop())
+    if len({label for _, _, label in clusters.values()}) != len(clusters):
+        problems.append(f"two clusters share a {CLUSTER_LABEL} label: {clusters.keys()}")
+    strangers = [source({}), source(SUBMITTER, "other", {}), source(SERVE_CLIENT, "other", {})]
+    for (kind, cr_name), (_, pods, label) in clusters.items():
+        others = [source(p["labels"]) for key, (_, ps, _) in clusters.items()
+                  if key != (kind, cr_name) for p in ps.values()]
+        for group, pod in pods.items():
+            where = f"{kind}/{cr_name} {group}"
+            if not any(selects(p["spec"]["podSelector"], pod["labels"]) for p in policies):
+                problems.append(f"{where}: no NetworkPolicy selects it")
+                continue
+            head = group == "head"
+            expected = {  # port -> who else may connect
+                DASHBOARD: (head, head and kind != "RayCluster"),
+                CLIENT: (head and kind == "RayCluster", False),
+            }
+            for port in PROBE_PORTS:
+                for peer in pods.values():
+                    if not reachable(policies, pod["labels"], source(peer["labels"]), port):
+                        problems.append(f"{where}: its own cluster cannot reach port {port}")
+                for stranger in strangers + others + [source(pod["labels"], "other")]:
+                    if reachable(policies, pod["labels"], stranger, port):
+                        problems.append(f"{where}: {stranger} reaches port {port}")
+                submitter, operator = expected.get(port, (False, False))
+                serve = kind == "RayService" and not head and port == SERVE
+                for src, allowed, who in (
+                        (source(SUBMITTER), submitter, "a submitter"),
+                        (source(OPERATOR, "other", {}), operator, "the KubeRay operator"),
+                        (source(SERVE_CLIENT), serve, "a serve client")):
+                    if reachable(policies, pod["labels"], src, port) != allowed:
+                        problems.append(f"{where}: {who} {'cannot' if allowed else 'can'} "
+                                        f"reach port {port}")
+            for policy in policies:  # what comes from outside the cluster, on ports it declares
+                if not selects(policy["spec"]["podSelector"], pod["labels"]):
+                    continue
+                for rule in policy["spec"].get("ingress", []):
+                    own = [p for p in rule.get("from", [])
+                           if set(p) == {"podSelector"} and
+                           p["podSelector"].get("matchLabels", {}).get(CLUSTER_LABEL) == label]
+                    if len(own) != len(rule.get("from", [])) or not own:
+                        ports = rule_ports(rule)
+                        if ports is None or not set(ports) <= pod["ports"]:
+                            problems.append(f"{where}: NetworkPolicy/{policy['metadata']['name']} "
+                                            f"opens {ports or 'every port'} to other pods, "
+                                            f"not only ports it declares ({sorted(pod['ports'])})")
+    for job in (d for d in docs if d["kind"] == "RayJob"):
+        labels = job["spec"].get("submitterPodTemplate", {}).get("metadata", {}).get("labels", {})
+        if not SUBMITTER.items() <= labels.items():
+            problems.append(f"RayJob/{job['metadata']['name']}: its submitter lacks {SUBMITTER} "
+                            "and could not reach the dashboard")
+    return problems
+
+
+def sources() -> list[tuple[str, list[dict]]]:
+    return [("base", base_docs())] + [(name, render(K8S / "overlays" / name)) for name in OVERLAYS]
+
+
+LOCK_DOWN = {
+    "token-auth-from-the-secret": auth_problems,
+    "no-dashboard-open-without-auth": dashboard_problems,
+    "network-policies-fence-each-cluster": network_problems,
+    "containers-restricted-non-root": lambda docs: security_problems(with_shell(docs)),
+    "ephemeral-storage-bounded": lambda docs: storage_problems(with_shell(docs)),
+}
+
+
+@pytest.mark.parametrize("check", list(LOCK_DOWN))
+def test_locked_down(check):
+    problems = [f"{name}: {problem}" for name, docs in sources()
+                for problem in LOCK_DOWN[check](docs)]
+    assert not problems, "\n".join(problems)
+
+
+def test_the_token_secret_is_documented_as_kuberay_reads_it():
+    """The `kubectl create secret` line in the manifests makes the Secret the clusters name,
+    with the key KubeRay reads."""
+    text = "\n".join(p.read_text() for p in sorted((K8S / "base").glob("*.yaml")))
+    made = re.findall(r"kubectl create secret generic (\S+) --from-literal=(\w+)=", text)
+    assert (TOKEN_SECRET, TOKEN_KEY) in made, made
+
+
+def _spec(docs, kind):
+    return cluster_spec(next(d for d in docs if d["kind"] == kind))
+
+
+GAPS = {  # one hole each, and the words that must name it
+    "no-auth-on-serve": (lambda docs: _spec(docs, "RayService").pop("authOptions"),
+                         "RayService/fedray: authOptions.mode is None"),
+    "auth-disabled": (lambda docs: _spec(docs, "RayCluster")["authOptions"].update(mode="disabled"),
+                      "the dashboard listens on 0.0.0.0 without token auth"),
+    "auth-env-override": (
+        lambda docs: _spec(docs, "RayJob")["headGroupSpec"]["template"]["spec"]["containers"][0]
+        .setdefault("env", []).append({"name": "RAY_AUTH_MODE", "value": "disabled"}),
+        "overriding the Secret's token"),
+    "no-policies": (lambda docs: docs.__setitem__(slice(None), [d for d in docs
+                                                               if d["kind"] != "NetworkPolicy"]),
+                    "no NetworkPolicy"),
+    "open-rule": (lambda docs: next(d for d in docs if d["metadata"]["name"] == "fedray-head")
+                  ["spec"]["ingress"].append({"ports": [{"port": GCS}]}),
+                  "reaches port 6379"),
+    "unlabelled-workers": (
+        lambda docs: _spec(docs, "RayService")["workerGroupSpecs"][0]["template"].pop("metadata"),
+        "RayService/fedray gpu: no NetworkPolicy selects it"),
+    "submitter-unlabelled": (
+        lambda docs: next(d for d in docs if d["kind"] == "RayJob")["spec"]
+        ["submitterPodTemplate"].pop("metadata"),
+        "its submitter lacks"),
+    "root": (lambda docs: _spec(docs, "RayCluster")["workerGroupSpecs"][0]["template"]["spec"]
+             ["securityContext"].update(runAsUser=0),
+             "runs as 0:100"),
+    "escalation": (lambda docs: _spec(docs, "RayService")["headGroupSpec"]["template"]["spec"]
+                   ["containers"][0]["securityContext"].update(allowPrivilegeEscalation=True),
+                   "allowPrivilegeEscalation is True"),
+    "capabilities-kept": (lambda docs: next(d for d in docs if d["kind"] == "RayJob")["spec"]
+                          ["submitterPodTemplate"]["spec"]["containers"][0].pop("securityContext"),
+                          "ray-job-submitter: securityContext.capabilities is None"),
+    "unbounded-disk": (lambda docs: _spec(docs, "RayCluster")["headGroupSpec"]["template"]["spec"]
+                       ["containers"][0]["resources"]["limits"].pop("ephemeral-storage"),
+                       "ray-head: no ephemeral-storage in limits"),
+}
+
+
+@pytest.mark.parametrize("gap", list(GAPS))
+def test_a_lock_down_gap_is_named(gap):
+    edit, expected = GAPS[gap]
+    docs = copy.deepcopy(base_docs())
+    edit(docs)
+    problems = [p for check in LOCK_DOWN.values() for p in check(docs)]
+    assert any(expected in p for p in problems), "\n".join(problems) or "no problem found"
