@@ -1,7 +1,9 @@
 """Checkpoints that hold everything needed to resume, with tensors in safetensors, never pickles.
 
-A round checkpoint is a folder written under a temporary name and renamed into place, so a
-crash mid-write never leaves a half checkpoint that looks complete.
+Every file is written atomically (fedray.artifacts.atomic): a round checkpoint is a folder
+written under a temporary name, fsynced and renamed into place, so a crash mid-write never
+leaves a half checkpoint that looks complete. A state tree is one safetensors file whose
+metadata holds the structure, so its two halves can never disagree.
 """
 
 from __future__ import annotations
@@ -15,13 +17,25 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.numpy import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import load_file, save
+
+from fedray.artifacts import atomic
+from fedray.artifacts.atomic import WriteHook
 
 ROUND_PREFIX = "round_"
+STRUCTURE_KEY = "fedray.tree"
+
+# What reading a torn or truncated checkpoint file raises.
+UNREADABLE = (OSError, ValueError, KeyError, SafetensorError)
 
 
-def save_weights(weights: dict[str, np.ndarray], path: Path) -> None:
-    save_file({k: np.require(v, requirements="C") for k, v in weights.items()}, str(path))
+def _contiguous(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {k: np.require(v, requirements="C") for k, v in tensors.items()}
+
+
+def save_weights(weights: dict[str, np.ndarray], path: Path, hook: WriteHook | None = None) -> None:
+    atomic.write_bytes(Path(path), save(_contiguous(weights)), hook)
 
 
 def load_weights(path: Path) -> OrderedDict:
@@ -60,17 +74,27 @@ def _decode(node: Any, tensors: dict[str, np.ndarray]) -> Any:
     return node
 
 
-def save_tree(tree: Any, path: Path) -> None:
-    """Any nest of dicts/lists/scalars/tensors (an optimizer or accountant state) to two files."""
+def save_tree(tree: Any, path: Path, hook: WriteHook | None = None) -> Path:
+    """Any nest of dicts/lists/scalars/tensors (an optimizer or accountant state) to one
+    safetensors file, `path` with the suffix .safetensors, the structure in its metadata."""
     tensors: dict[str, np.ndarray] = {}
     structure = _encode(tree, tensors, "t")
-    save_file({k: np.require(v, requirements="C") for k, v in tensors.items()}, str(path.with_suffix(".safetensors")))
-    path.with_suffix(".json").write_text(json.dumps(structure))
+    out = Path(path).with_suffix(".safetensors")
+    atomic.write_bytes(out, save(_contiguous(tensors),
+                                 metadata={STRUCTURE_KEY: json.dumps(structure)}), hook)
+    return out
 
 
 def load_tree(path: Path) -> Any:
-    tensors = load_file(str(path.with_suffix(".safetensors")))
-    return _decode(json.loads(path.with_suffix(".json").read_text()), tensors)
+    """The tree save_tree wrote; raises one of UNREADABLE for a torn or missing file."""
+    file = Path(path).with_suffix(".safetensors")
+    with safe_open(str(file), framework="numpy") as f:
+        metadata = f.metadata() or {}
+    tensors = load_file(str(file))
+    if STRUCTURE_KEY in metadata:
+        return _decode(json.loads(metadata[STRUCTURE_KEY]), tensors)
+    # Written before the structure moved into the metadata: it sits beside, as JSON.
+    return _decode(json.loads(file.with_suffix(".json").read_text()), tensors)
 
 
 def round_dir(checkpoints: Path, round_number: int) -> Path:
@@ -79,21 +103,24 @@ def round_dir(checkpoints: Path, round_number: int) -> Path:
 
 def save_round(checkpoints: Path, round_number: int, weights: dict[str, np.ndarray],
                state: dict[str, Any], keep: int = 2, protect: int | None = None,
-               trees: dict[str, Any] | None = None) -> Path:
+               trees: dict[str, Any] | None = None, hook: WriteHook | None = None) -> Path:
     """Write round N's global weights and state atomically; prune older rounds but `protect`.
 
     `trees` are array-holding states (a server optimizer's moments) saved with save_tree.
+    `hook` runs before each file of the checkpoint is renamed into place (fault injection).
     """
     final = round_dir(checkpoints, round_number)
     tmp = checkpoints / f".tmp_{final.name}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_weights(weights, tmp / "global.safetensors")
+    save_weights(weights, tmp / "global.safetensors", hook)
     for name, tree in (trees or {}).items():
-        save_tree(tree, tmp / name)
-    (tmp / "state.json").write_text(json.dumps(state, indent=1))
+        save_tree(tree, tmp / name, hook)
+    atomic.write_json(tmp / "state.json", state, hook, indent=1)
+    atomic.fsync_dir(tmp)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
+    atomic.fsync_dir(checkpoints)
     for old in completed_rounds(checkpoints)[:-keep]:
         if old == protect:
             continue
@@ -112,6 +139,7 @@ def completed_rounds(checkpoints: Path) -> list[int]:
 
 
 def load_round(checkpoints: Path, round_number: int) -> tuple[OrderedDict, dict[str, Any]]:
+    """Round N's weights and state; raises one of UNREADABLE when a file is torn or missing."""
     folder = round_dir(checkpoints, round_number)
     return load_weights(folder / "global.safetensors"), json.loads((folder / "state.json").read_text())
 

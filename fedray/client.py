@@ -13,8 +13,11 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+import sys
+
 from fedray import checkpoint, engine, privacy
 from fedray.config import ExperimentConfig
+from fedray.faults import FaultInjector
 from fedray.data.shards import ShardDataset
 from fedray.data.transforms import train_preset
 from fedray.messages import FitIns, FitRes, to_numpy, to_torch
@@ -61,15 +64,22 @@ class HospitalClient:
         self.loss_fn = engine.make_loss(counts, t.label_smoothing).to(self.device)
         self.generator = torch.Generator()
         self._norm_keys: set[str] | None = None
+        self.faults = FaultInjector(name, config.runtime.fault_injection)
+        self.releases: list[dict] = []  # every update this hospital sent, with its DP steps
+        self.skipped: list[str] = []  # torn state files passed over by restore
         loader = DataLoader(self.dataset, batch_size=t.batch_size, shuffle=True,
                             generator=self.generator, pin_memory=self.device.type == "cuda")
-        settings = privacy.resolve(config, name, len(self.dataset))
+        settings = privacy.resolve(config, name, len(self.dataset),
+                                   self.dataset.num_units(config.privacy.unit))
         self.private: privacy.PrivateTraining | None = None
         if settings is None:
             self.train_model, self.optimizer, self.loader = self.model, self.base_optimizer, loader
         else:
-            self.private = privacy.make_private(self.model, self.base_optimizer, loader, settings,
-                                                self.loss_fn)
+            # Noise and sampling draw from OS entropy; hospital and seed are read only with
+            # privacy.reproducible_noise (debugging).
+            self.private = privacy.make_private(
+                self.model, self.base_optimizer, loader, settings, self.loss_fn,
+                unit_ids=self.dataset.unit_ids(settings.unit), hospital=name, seed=config.seed)
             self.loss_fn = self.private.loss_fn or self.loss_fn
             self.train_model = self.private.model
             self.optimizer, self.loader = self.private.optimizer, self.private.loader
@@ -77,14 +87,28 @@ class HospitalClient:
         # privacy ledger) so epsilon never resets; a new run's folder is empty.
         self.restore(round_number=2**31)
 
+    @property
+    def shares_local_metrics(self) -> bool:
+        """Un-noised local loss, accuracy and class counts leave only when allowed: by
+        default not under DP (privacy.share_local_metrics)."""
+        share = self.config.privacy.share_local_metrics
+        return share if share is not None else self.private is None
+
     def info(self) -> dict:
-        counts = self.dataset.class_counts().tolist()
-        return {"hospital": self.name, "num_samples": len(self.dataset), "class_counts": counts,
+        info = {"hospital": self.name, "num_samples": len(self.dataset),
                 "device": str(self.device), "threads": torch.get_num_threads(), "pid": os.getpid()}
+        if self.shares_local_metrics:
+            info["class_counts"] = self.dataset.class_counts().tolist()
+        return info
 
     def fit(self, weights: OrderedDict, ins: FitIns) -> FitRes:
-        """Load the global weights, train E local epochs, return the new weights."""
+        """Load the global weights, train E local epochs, return the new weights.
+
+        Under DP the ledger is written (atomically) before the update leaves: a crash at any
+        point can over-count a release, never under-count one.
+        """
         start = time.perf_counter()
+        self.faults.at("before_fit", ins.round)
         if self.private is not None:
             self.private.check_budget(self.name, ins.local_epochs)
         self._load_global(weights, ins.extra.get("local_layers"))
@@ -105,12 +129,23 @@ class HospitalClient:
                 self.train_model, self.loader, self.optimizer, self.loss_fn, self.device,
                 grad_clip=grad_clip, amp=t.amp, channels_last=t.channels_last, proximal=proximal,
             )
+        self.faults.at("after_fit", ins.round)
         self._save_state(ins.round)
-        metrics = {"loss": stats.loss, "accuracy": stats.accuracy,
-                   "seconds": time.perf_counter() - start, "epochs": ins.local_epochs}
+        self.faults.at("after_state_saved", ins.round)
+        metrics = {"seconds": time.perf_counter() - start, "epochs": ins.local_epochs}
+        if self.shares_local_metrics:
+            metrics.update(loss=stats.loss, accuracy=stats.accuracy)
         if self.private is not None:
             metrics.update(self.private.report())
         return FitRes(self.name, to_numpy(self.model.state_dict()), len(self.dataset), metrics)
+
+    def privacy_ledger(self) -> dict | None:
+        """This hospital's ledger as it stands (every release, including rounds whose update
+        arrived too late to count), or None without DP."""
+        if self.private is None:
+            return None
+        return {**self.private.report(), "releases": len(self.releases),
+                "accountant": self.private.settings.accountant}
 
     def _load_global(self, weights: OrderedDict, local_layers: str | None) -> None:
         """Take the global weights; with FedBN ("norm") keep this hospital's own norm layers."""
@@ -130,36 +165,79 @@ class HospitalClient:
             return None
         self.state_dir.mkdir(parents=True, exist_ok=True)
         path = self.state_dir / "local_model.safetensors"
-        checkpoint.save_weights(to_numpy(self.model.state_dict()), path)
+        checkpoint.save_weights(to_numpy(self.model.state_dict()), path,
+                                self.faults.write_hook(None))
         return str(path)
 
     # Local state (optimizer moments, privacy ledger) stays at the hospital, in its own folder.
     def _state_path(self, round_number: int) -> Path:
         return self.state_dir / f"state_{round_number:04d}"
 
+    @property
+    def ledger_path(self) -> Path:
+        return self.state_dir / privacy.LEDGER_FILE
+
     def _save_state(self, round_number: int) -> None:
+        """The ledger first, then the optimizer state; both atomic, before the update leaves."""
         if self.state_dir is None:
             return
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        state = {"optimizer": self.base_optimizer.state_dict()}
+        hook = self.faults.write_hook(round_number)
+        state = {"optimizer": self.base_optimizer.state_dict(), "round": round_number}
         if self.private is not None:
+            self.releases.append({"round": round_number, "dp_steps": self.private.ledger.steps})
+            self.private.ledger.save(self.ledger_path, self.releases, hook)
             state["ledger"] = self.private.ledger.state_dict()
-        checkpoint.save_tree(state, self._state_path(round_number))
-        for old in sorted(self.state_dir.glob("state_*.json"))[:-3]:
-            old.unlink()
-            old.with_suffix(".safetensors").unlink(missing_ok=True)
+        checkpoint.save_tree(state, self._state_path(round_number), hook)
+        kept = sorted(self.state_dir.glob("state_*.safetensors"))
+        for old in kept[:-3]:
+            old.unlink(missing_ok=True)
+            old.with_suffix(".json").unlink(missing_ok=True)
 
-    def restore(self, round_number: int) -> bool:
-        """Reload the optimizer state (and privacy ledger) this hospital had after its last
-        round <= round_number."""
+    def restore(self, round_number: int) -> dict:
+        """Roll the optimizer state back to the one this hospital had after its last round
+        <= round_number; never roll the privacy ledger back.
+
+        A torn or unreadable state file is passed over for the next older one and named in
+        `skipped`. The ledger is the newest of: the one in memory, the ledger file, and the
+        copies inside the state files, whichever records the most steps.
+        """
+        result = {"hospital": self.name, "restored_round": None, "skipped": []}
         if self.state_dir is None:
-            return False
-        kept = [int(p.stem.split("_")[1]) for p in self.state_dir.glob("state_*.json")]
-        usable = [r for r in kept if r <= round_number]
-        if not usable:
-            return False
-        state = checkpoint.load_tree(self._state_path(max(usable)))
-        self.base_optimizer.load_state_dict(state["optimizer"])
-        if self.private is not None and "ledger" in state:
-            self.private.ledger.load_state_dict(state["ledger"])
-        return True
+            return result
+        kept = sorted((int(p.stem.split("_")[1]), p) for p in self.state_dir.glob("state_*.safetensors"))
+        for number, path in reversed(kept):
+            if number > round_number:
+                continue
+            try:
+                state = checkpoint.load_tree(path.with_suffix(""))
+                self.base_optimizer.load_state_dict(state["optimizer"])
+            except checkpoint.UNREADABLE as exc:
+                result["skipped"].append(str(path))
+                print(f"hospital {self.name}: skipped unreadable state file {path} ({exc!r})",
+                      file=sys.stderr, flush=True)
+                continue
+            result["restored_round"] = number
+            break
+        else:
+            self.base_optimizer.state.clear()  # no state that old: as a fresh hospital
+        if self.private is not None:
+            self._restore_ledger(kept, result["skipped"])
+        self.skipped.extend(p for p in result["skipped"] if p not in self.skipped)
+        result["skipped"] = list(self.skipped)  # those passed over when it started, too
+        return result
+
+    def _restore_ledger(self, kept: list[tuple[int, Path]], skipped: list[str]) -> None:
+        on_disk = privacy.read_ledger(self.ledger_path)
+        if on_disk is None and self.ledger_path.exists():
+            skipped.append(str(self.ledger_path))
+            print(f"hospital {self.name}: skipped unreadable ledger {self.ledger_path}",
+                  file=sys.stderr, flush=True)
+        if on_disk is not None:
+            if self.private.ledger.absorb(on_disk):
+                self.releases = list(on_disk.get("releases", []))
+        for _, path in kept:  # a copy newer than a torn ledger file
+            try:
+                self.private.ledger.absorb(checkpoint.load_tree(path.with_suffix("")).get("ledger"))
+            except checkpoint.UNREADABLE:
+                continue

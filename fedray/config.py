@@ -196,7 +196,7 @@ class FaultPoint(_Strict):
     point: Literal["before_fit", "after_fit", "after_state_saved", "before_checkpoint",
                    "after_checkpoint", "during_write"]
     round: int | None = Field(None, ge=1, description="only in this round; None = every round")
-    action: Literal["raise", "exit"] = "raise"
+    action: Literal["raise", "exit", "hang"] = "raise"
     path_contains: str | None = Field(None, description="during_write: only for such files")
 
 

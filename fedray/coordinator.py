@@ -18,11 +18,13 @@ import torch
 from torch.utils.data import DataLoader
 
 from fedray import checkpoint, engine
+from fedray.artifacts import atomic
 from fedray.client import HospitalClient, input_size
 from fedray.config import ExperimentConfig
 from fedray.data.labels import CLASSES
 from fedray.data.shards import ShardDataset, ShardSet
 from fedray.data.transforms import eval_preset
+from fedray.faults import FaultInjected, FaultInjector
 from fedray.messages import Failure, FitIns, FitRes, to_numpy, to_torch
 from fedray.metrics import classification_metrics
 from fedray.models import build_model
@@ -38,9 +40,11 @@ class HospitalPool(Protocol):
     def fit(self, weights: OrderedDict, instructions: dict[str, FitIns],
             timeout_s: float) -> tuple[list[FitRes], list[Failure]]: ...
 
-    def restore(self, round_number: int) -> None: ...
+    def restore(self, round_number: int) -> list[dict]: ...
 
     def save_local_models(self) -> None: ...
+
+    def ledgers(self) -> dict[str, dict | None]: ...
 
 
 class LocalPool:
@@ -59,17 +63,21 @@ class LocalPool:
                 results.append(self.clients[name].fit(weights, ins))
             except PrivacyBudgetExhausted as exc:
                 failures.append(Failure(name, "budget", str(exc)))
+            except FaultInjected:
+                raise  # in-process hospitals share the process's fate: the whole run stops
             except Exception as exc:  # noqa: BLE001 - a failed hospital is data
                 failures.append(Failure(name, "error", f"{name}: {exc!r}\n{traceback.format_exc()}"))
         return results, failures
 
-    def restore(self, round_number: int) -> None:
-        for client in self.clients.values():
-            client.restore(round_number)
+    def restore(self, round_number: int) -> list[dict]:
+        return [client.restore(round_number) for client in self.clients.values()]
 
     def save_local_models(self) -> None:
         for client in self.clients.values():
             client.save_local_model()
+
+    def ledgers(self) -> dict[str, dict | None]:
+        return {name: client.privacy_ledger() for name, client in self.clients.items()}
 
 
 class EarlyStop:
@@ -117,7 +125,10 @@ class Coordinator:
         self.best_weights = self.weights
         if getattr(self.strategy, "total_hospitals", 0) is None:  # DP-FedAvg's sampling rate
             self.strategy.total_hospitals = len(self.pool.names)
-            self.strategy.seed = config.seed
+            # Server noise from OS entropy unless a debugging run asks to recompute it.
+            self.strategy.seed = config.seed if config.privacy.reproducible_noise else None
+        self.faults = FaultInjector("coordinator", config.runtime.fault_injection)
+        self.skipped: list[str] = []  # torn files passed over on resume
         if hasattr(self.strategy, "norm_keys") and self.strategy.norm_keys is None:
             from fedray.strategy.fedbn import norm_parameter_names
 
@@ -194,11 +205,35 @@ class Coordinator:
             self._check_budgets()
         record["lr_next"] = self.lr
         record["stop_reason"] = self.stop_reason
+        if self.reproducible_noise:
+            record["dp_warning"] = NOT_A_GUARANTEE
         self.history.append(record)
+        self._save_server_ledger()
         self._checkpoint()
-        with open(self.run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        atomic.append_line(self.run_dir / "metrics.jsonl", json.dumps(record))
         return record
+
+    @property
+    def reproducible_noise(self) -> bool:
+        dp = self.config.privacy.enabled or self.config.federation.strategy.name == "dpfedavg"
+        return dp and self.config.privacy.reproducible_noise
+
+    @property
+    def server_ledger_path(self) -> Path:
+        return self.run_dir / SERVER_LEDGER
+
+    def _save_server_ledger(self) -> None:
+        """DP-FedAvg's ledger, written before the round's model leaves the coordinator and
+        never replaced by an older one (a resume from an older checkpoint keeps it)."""
+        state = self.strategy.state_dict().get("accountant")
+        if state is None or "history" not in state:
+            return
+        on_disk = _read_json(self.server_ledger_path)
+        steps = sum(int(h[2]) for h in state["history"])
+        if on_disk is not None and sum(int(h[2]) for h in on_disk.get("history", [])) > steps:
+            return
+        atomic.write_json(self.server_ledger_path, {**state, "steps": steps},
+                          self.faults.write_hook(self.round))
 
     def _after_round(self, val: dict | None) -> None:
         """Track the best round, step the LR schedule, and decide on early stopping."""
@@ -253,10 +288,36 @@ class Coordinator:
                  "best_round": self.best_round}
         for split in self.eval_sets:
             final[split] = self._evaluate(split, self.best_weights)
+        final["privacy"] = self.privacy_summary()
+        if self.skipped:
+            final["resume_skipped"] = self.skipped
         checkpoint.save_weights(self.best_weights, self.run_dir / "model.safetensors")
         self.pool.save_local_models()
-        (self.run_dir / "metrics.json").write_text(json.dumps(final, indent=2))
+        atomic.write_json(self.run_dir / "metrics.json", final)
         return final
+
+    def privacy_summary(self) -> dict:
+        """What the run's DP means, read from the hospitals' own ledgers (which count every
+        release, a late one too), not from metrics.jsonl."""
+        p = self.config.privacy
+        summary: dict = {"dp_sgd": p.enabled, "unit": p.unit if p.enabled else None}
+        if p.enabled:
+            ledgers = self.pool.ledgers()
+            summary.update(
+                accountant=p.accountant, reproducible_noise=p.reproducible_noise,
+                guarantee=not p.reproducible_noise,
+                hospitals={name: ledger for name, ledger in sorted(ledgers.items()) if ledger})
+        if hasattr(self.strategy, "last_round_report"):
+            epsilon = self.strategy.epsilon()
+            summary["client_level"] = {
+                "unit": "hospital", "epsilon": None if epsilon == float("inf") else epsilon,
+                "delta": self.strategy.delta, "rounds": self.strategy.dp_rounds,
+                "noise_multiplier": self.strategy.noise_multiplier,
+                "accountant": self.strategy.accountant_name,
+                "reproducible_noise": p.reproducible_noise}
+        if self.reproducible_noise:
+            summary["warning"] = NOT_A_GUARANTEE
+        return summary
 
     # ---- checkpoint / resume -------------------------------------------------------------
     def state(self) -> dict:
@@ -275,16 +336,42 @@ class Coordinator:
         }
 
     def _checkpoint(self) -> None:
+        self.faults.at("before_checkpoint", self.round)
         checkpoint.save_round(self.checkpoints, self.round, self.weights, self.state(),
                               keep=self.config.checkpoint_keep, protect=self.best_round,
-                              trees={"strategy": self.strategy.state_dict()})
+                              trees={"strategy": self.strategy.state_dict()},
+                              hook=self.faults.write_hook(self.round))
+        self.faults.at("after_checkpoint", self.round)
+
+    def _newest_readable_round(self) -> tuple[int, OrderedDict, dict, dict] | None:
+        """The newest round checkpoint that reads whole; torn ones are named in `skipped`."""
+        for number in reversed(checkpoint.completed_rounds(self.checkpoints)):
+            try:
+                weights, state = checkpoint.load_round(self.checkpoints, number)
+                strategy = checkpoint.load_round_tree(self.checkpoints, number, "strategy")
+                best = int(state.get("best_round") or 0)
+                if best and best != number:  # the best model must read whole too
+                    checkpoint.load_round(self.checkpoints, best)
+            except checkpoint.UNREADABLE as exc:
+                folder = checkpoint.round_dir(self.checkpoints, number)
+                self.skipped.append(str(folder))
+                print(f"resume: skipped unreadable checkpoint {folder} ({exc!r})", flush=True)
+                continue
+            return number, weights, state, strategy
+        return None
 
     def resume(self) -> int:
-        """Continue from the last completed round on disk; returns that round (0 if none)."""
-        rounds = checkpoint.completed_rounds(self.checkpoints)
-        if not rounds:
+        """Continue from the last readable round on disk; returns that round (0 if none).
+
+        Hospitals roll their optimizer state back to that round, never their ledgers.
+        """
+        found = self._newest_readable_round()
+        if found is None:
+            self._restore_server_ledger()
+            self._rewrite_metrics()
+            self._restore_pool()
             return 0
-        weights, state = checkpoint.load_round(self.checkpoints, rounds[-1])
+        _, weights, state, strategy_state = found
         order = list(self.weights)  # safetensors does not keep the model's key order
         weights = OrderedDict((k, weights[k]) for k in order)
         self.weights = weights
@@ -299,17 +386,51 @@ class Coordinator:
         self.best_round = state["best_round"]
         self.stop_reason = state["stop_reason"]
         self.exhausted = set(state.get("exhausted", []))
-        self.strategy.load_state_dict(checkpoint.load_round_tree(self.checkpoints, rounds[-1], "strategy"))
+        self.strategy.load_state_dict(strategy_state)
+        if hasattr(self.strategy, "noise_rng") and not self.config.privacy.reproducible_noise:
+            self.strategy.seed = None
+        self._restore_server_ledger()
         torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
         if self.best_round:
             best = checkpoint.load_round(self.checkpoints, self.best_round)[0]
             self.best_weights = OrderedDict((k, best[k]) for k in order)
         else:
             self.best_weights = weights
-        with open(self.run_dir / "metrics.jsonl", "w") as f:
-            f.writelines(json.dumps(rec) + "\n" for rec in self.history)
-        self.pool.restore(self.round)
+        self._rewrite_metrics()
+        self._restore_pool()
         return self.round
+
+    def _rewrite_metrics(self) -> None:
+        atomic.write_text(self.run_dir / "metrics.jsonl",
+                          "".join(json.dumps(rec) + "\n" for rec in self.history))
+
+    def _restore_pool(self) -> None:
+        for report in self.pool.restore(self.round) or []:
+            self.skipped.extend(p for p in (report or {}).get("skipped", []) if p not in self.skipped)
+
+    def _restore_server_ledger(self) -> None:
+        """A server ledger newer than the checkpoint (the crash window) wins: it never goes back."""
+        on_disk = _read_json(self.server_ledger_path)
+        state = self.strategy.state_dict()
+        if on_disk is None or "accountant" not in state:
+            return
+        steps = lambda hist: sum(int(h[2]) for h in hist)  # noqa: E731
+        if steps(on_disk.get("history", [])) > steps(state["accountant"]["history"]):
+            state["accountant"] = {"mechanism": on_disk["mechanism"], "history": on_disk["history"]}
+            self.strategy.load_state_dict(state)
+
+
+SERVER_LEDGER = "server_ledger.json"
+NOT_A_GUARANTEE = ("privacy.reproducible_noise is on: the DP noise can be recomputed from the "
+                   "config, so epsilon is NOT a privacy guarantee (debugging only)")
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def _summary(metrics: dict) -> dict:

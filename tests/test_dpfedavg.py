@@ -48,7 +48,9 @@ def assert_bitwise_equal(a: OrderedDict, b: OrderedDict) -> None:
 
 
 def dp(**kwargs) -> DPFedAvg:
-    params = {"clip_norm": 1.0, "noise_multiplier": 1.0, "total_hospitals": 10, "delta": DELTA}
+    """A seeded strategy (reproducible noise) for the math; runs draw from OS entropy."""
+    params = {"clip_norm": 1.0, "noise_multiplier": 1.0, "total_hospitals": 10, "delta": DELTA,
+              "seed": 0}
     params.update(kwargs)
     return DPFedAvg(**params)
 
@@ -127,6 +129,19 @@ def test_noise_std_is_noise_multiplier_times_clip_over_m() -> None:
     assert report["noise_std"] == pytest.approx(expected)
     assert report["clip_norm"] == clip and report["noise_multiplier"] == sigma
     assert report["aggregated"] == m and report["clipped"] == 0
+
+
+def test_unseeded_noise_comes_from_entropy_and_differs_every_time() -> None:
+    """Without a seed nobody can recompute the server's noise: the same inputs, twice, give
+    two different releases (the clipped mean is the same; only the noise differs)."""
+    current = model(np.random.default_rng(8))
+    res = results(3, seed=6)
+    params = {"clip_norm": 1.0, "noise_multiplier": 1.0, "total_hospitals": 10, "delta": DELTA}
+    first = DPFedAvg(**params).aggregate(1, current, res, [])
+    second = DPFedAvg(**params).aggregate(1, current, res, [])
+    assert DPFedAvg(**params).seed is None
+    assert not np.array_equal(first["conv.weight"], second["conv.weight"])
+    assert DPFedAvg(**params).state_dict()["seed"] is None
 
 
 def test_noise_depends_on_seed_and_round_only() -> None:

@@ -9,14 +9,15 @@ from __future__ import annotations
 from typing import Any
 
 from fedray.privacy.errors import PrivacyBudgetExhausted
+from fedray.privacy.ledger import LEDGER_FILE, PrivacyLedger, epsilon_for, read_ledger
 
 _LAZY = {
     "PrivacySettings": "fedray.privacy.settings", "resolve": "fedray.privacy.settings",
-    "PrivacyLedger": "fedray.privacy.ledger", "epsilon_for": "fedray.privacy.ledger",
     "PrivateTraining": "fedray.privacy.wrap", "make_private": "fedray.privacy.wrap",
 }
 
-__all__ = ["PrivacyBudgetExhausted", *_LAZY]
+__all__ = ["LEDGER_FILE", "PrivacyBudgetExhausted", "PrivacyLedger", "epsilon_for",
+           "read_ledger", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:

@@ -12,8 +12,9 @@ The mean is unweighted: one hospital is one unit of privacy, whatever its sample
 fixed weights of DP-FedAvg). Integer tensors (BatchNorm's num_batches_tracked) carry no
 gradient signal and take the plain, unweighted mean of the hospitals' values, rounded.
 
-The noise comes from a numpy Generator seeded by (seed, round), so the same round draws the
-same noise on every run, in particular in a run resumed from a checkpoint. The release is
+The noise comes from OS entropy (`secrets`): nobody holding the config, the checkpoints or the
+model can recompute it. Only a debugging run (privacy.reproducible_noise, seed given) seeds it
+from (seed, round), and every output of such a run says its epsilon is no guarantee. The release is
 accounted, one step per counted round, by an Opacus accountant (RDP by default) with sample
 rate q = selected / total_hospitals: privacy amplification by sampling hospitals. The history
 is in `state_dict()`, so epsilon survives a resume and only ever grows.
@@ -29,6 +30,7 @@ clipped) is a plain, non-private statistic, meant for the trusted server's own r
 from __future__ import annotations
 
 import math
+import secrets
 from collections import OrderedDict
 from typing import Any
 
@@ -61,7 +63,7 @@ class DPFedAvg(Strategy):
 
     def __init__(self, min_clients: int = 1, fraction: float = 1.0, *, clip_norm: float,
                  noise_multiplier: float, delta: float = 1e-5, total_hospitals: int | None = None,
-                 seed: int = 0, accountant: str = "rdp") -> None:
+                 seed: int | None = None, accountant: str = "rdp") -> None:
         super().__init__(min_clients=min_clients, fraction=fraction)
         self.clip_norm = _finite("clip_norm", clip_norm, 0.0, low_open=True)
         self.noise_multiplier = _finite("noise_multiplier", noise_multiplier, 0.0, low_open=False)
@@ -73,9 +75,9 @@ class DPFedAvg(Strategy):
             raise ValueError(f"DPFedAvg total_hospitals must be an integer >= 1, "
                              f"got {total_hospitals!r}")
         self.total_hospitals = None if total_hospitals is None else int(total_hospitals)
-        if int(seed) != seed or seed < 0:
-            raise ValueError(f"DPFedAvg seed must be an integer >= 0, got {seed!r}")
-        self.seed = int(seed)
+        if seed is not None and (int(seed) != seed or seed < 0):
+            raise ValueError(f"DPFedAvg seed must be an integer >= 0 or None, got {seed!r}")
+        self.seed = None if seed is None else int(seed)
         self.accountant_name = accountant
         self.accountant = _create_accountant(accountant)  # ValueError for an unknown mechanism
         self._selection: tuple[int, int, int] | None = None  # (round, selected, pool size)
@@ -132,7 +134,10 @@ class DPFedAvg(Strategy):
         return self.noise_multiplier * self.clip_norm / aggregated
 
     def noise_rng(self, round_number: int) -> np.random.Generator:
-        """The generator of round `round_number`'s noise: the same on every run."""
+        """The generator of round `round_number`'s noise: fresh OS entropy, or, with a seed
+        (reproducible debugging runs only), the same on every run."""
+        if self.seed is None:
+            return np.random.default_rng(secrets.randbits(128))
         return np.random.default_rng(np.random.SeedSequence([self.seed, int(round_number)]))
 
     # ---- the round --------------------------------------------------------------------------
@@ -236,6 +241,7 @@ class DPFedAvg(Strategy):
         accountant = _create_accountant(self.accountant_name)
         accountant.history = [(float(s), float(q), int(k)) for s, q, k in acc["history"]]
         self.accountant = accountant
-        self.seed = int(state["seed"])
+        if state.get("seed") is not None:
+            self.seed = int(state["seed"])
         if self.total_hospitals is None and state.get("total_hospitals") is not None:
             self.total_hospitals = int(state["total_hospitals"])
