@@ -636,6 +636,21 @@ def test_jobs_clean_up_after_themselves():
         assert "backoffLimit" in spec
 
 
+def test_services_kuberay_creates_have_distinct_names(overlay):
+    """KubeRay names a head Service after its owner (RayJob and RayService: NAME-head-svc, the
+    RayService's Serve one NAME-serve-svc; a RayCluster's may be renamed): a RayService and a
+    RayCluster both called fedray would fight over fedray-head-svc."""
+    name, docs = overlay
+    services = []
+    for doc in ray_docs(docs):
+        head = cluster_spec(doc)["headGroupSpec"].get("headService", {}).get("metadata", {})
+        own = head.get("name") if doc["kind"] == "RayCluster" else None
+        services.append(own or f"{doc['metadata']['name']}-head-svc")
+        if doc["kind"] == "RayService":
+            services.append(f"{doc['metadata']['name']}-serve-svc")
+    assert len(services) == len(set(services)), f"{name}: {sorted(services)}"
+
+
 def test_hospital_data_is_read_only_and_claims_exist():
     docs = base_docs()
     claims = {d["metadata"]["name"] for d in docs if d["kind"] == "PersistentVolumeClaim"}
