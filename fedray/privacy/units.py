@@ -50,6 +50,7 @@ class UnitBatchSampler(Sampler[list[int]]):
         self.generator, self.poisson = generator, poisson
         self.before_batch, self.track = before_batch or (lambda: None), track
         self._order = torch.argsort(self.unit_ids, stable=True)  # records grouped by unit
+        self._order_units = self.unit_ids[self._order]
         self._pending: deque[Tensor] = deque()
 
     def __len__(self) -> int:
@@ -71,7 +72,7 @@ class UnitBatchSampler(Sampler[list[int]]):
                 yield self._records(chosen)
 
     def _records(self, chosen: Tensor) -> list[int]:
-        records = self._order[chosen[self.unit_ids[self._order]]]
+        records = self._order[chosen[self._order_units]]
         if self.track:
             self._pending.append(self.unit_ids[records])
         return records.tolist()
