@@ -10,7 +10,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from fedray import experiment
+from fedray.artifacts import atomic
 from fedray.config import ExperimentConfig
+from fedray.privacy.totals import total_epsilon
 
 COLUMNS = ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc_macro", "kappa")
 
@@ -51,6 +53,18 @@ def to_markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def privacy_total_markdown(total: dict | None) -> str:
+    """The hospitals' epsilon over all the runs, below a table of per-run figures."""
+    if not total:
+        return ""
+    lines = ["", "", f"Privacy spent over all {max(h['runs'] for h in total['hospitals'].values())} "
+             f"DP runs on these shards ({total['composition']}):", "",
+             "| hospital | total epsilon | delta | runs |", "|---|---|---|---|"]
+    for name, h in total["hospitals"].items():
+        lines.append(f"| {name} | {h['epsilon_total']:.2f} | {h['delta']:.2g} | {h['runs']} |")
+    return "\n".join(lines)
+
+
 def run_comparison(config: ExperimentConfig, strategies: list[str], *, centralized: bool,
                    dp: bool, output_dir: Path, workers: int = 2,
                    log: Callable[[str], None] = print) -> Path:
@@ -59,12 +73,13 @@ def run_comparison(config: ExperimentConfig, strategies: list[str], *, centraliz
     folder.mkdir(parents=True)
     (folder / "config.yaml").write_text(config.to_yaml())
     shards = experiment.prepare_data(config, folder, log)
-    rows = []
+    rows, run_dirs = [], []
     for name, variant in variants(config, strategies, dp).items():
         log(f"== {name}")
         result = experiment.run(variant, output_dir=folder / "runs", shards=shards, log=log)
-        eps = [h.get("epsilon") for h in result.history[-1]["hospitals"].values()] if result.history else []
-        eps = [e for e in eps if e is not None]
+        run_dirs.append(result.run_dir)
+        ledgers = (result.final.get("privacy") or {}).get("hospitals") or {}
+        eps = [h["epsilon"] for h in ledgers.values() if h.get("epsilon") is not None]
         rows.append(_row(name, result.final, result.seconds, max(eps) if eps else None))
     if centralized:
         from fedray.centralized import run_centralized
@@ -74,7 +89,9 @@ def run_comparison(config: ExperimentConfig, strategies: list[str], *, centraliz
         init_ray(config.runtime)
         final = run_centralized(config, shards, folder / "runs" / "centralized", workers=workers)
         rows.append(_row("centralized", final, final["seconds"], None))
-    (folder / "comparison.json").write_text(json.dumps(rows, indent=2))
-    (folder / "comparison.md").write_text(to_markdown(rows) + "\n")
-    log(to_markdown(rows))
+    total = total_epsilon(run_dirs)
+    atomic.write_json(folder / "comparison.json", {"variants": rows, "privacy_total": total})
+    text = to_markdown(rows) + privacy_total_markdown(total)
+    atomic.write_text(folder / "comparison.md", text + "\n")
+    log(text)
     return folder

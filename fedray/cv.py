@@ -24,9 +24,12 @@ from pathlib import Path
 import numpy as np
 
 from fedray import experiment
+from fedray.artifacts import atomic
+from fedray.compare import privacy_total_markdown
 from fedray.config import ExperimentConfig
 from fedray.data.pipeline import build_shards, counts_table, load_source
 from fedray.data.split import assign_fold_splits
+from fedray.privacy.totals import total_epsilon
 
 METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "weighted_f1", "roc_auc_macro", "kappa")
 ARMS = ("federated", "centralized")
@@ -119,6 +122,7 @@ def run_cv(config: ExperimentConfig, *, folds: int = 5, centralized: bool = Fals
                     "federated": _arm([]), "centralized": _arm([]) if centralized else None}
     fed_rows: list[dict] = []
     cen_rows: list[dict] = []
+    run_dirs: list[Path] = []
     for k in range(folds):
         log(f"== fold {k + 1}/{folds}")
         fold_dir = folder / f"fold_{k}"
@@ -135,6 +139,8 @@ def run_cv(config: ExperimentConfig, *, folds: int = 5, centralized: bool = Fals
         run = experiment.run(config, output_dir=fold_dir / "runs", shards=shards, log=log)
         fed_rows.append(_fold_row(k, run.final, run.seconds, run.run_dir, folder))
         result["federated"] = _arm(fed_rows)
+        run_dirs.append(run.run_dir)
+        result["privacy_total"] = total_epsilon(run_dirs)
         if centralized:
             from fedray.centralized import run_centralized
             from fedray.runtime import init_ray
@@ -151,5 +157,6 @@ def run_cv(config: ExperimentConfig, *, folds: int = 5, centralized: bool = Fals
 
 
 def _write(folder: Path, result: dict) -> None:
-    (folder / "cv.json").write_text(json.dumps(result, indent=2))
-    (folder / "cv.md").write_text(to_markdown(result) + "\n")
+    atomic.write_json(folder / "cv.json", result)
+    atomic.write_text(folder / "cv.md", to_markdown(result)
+                      + privacy_total_markdown(result.get("privacy_total")) + "\n")

@@ -549,18 +549,43 @@ def evaluation_section(run: Run, metrics: dict, pred: engine.Predictions, out: P
 
 
 def privacy_section(run: Run, out: Path) -> Section:
+    """The ledgers' final epsilon (from metrics.json's privacy object, which counts every
+    release, a late one too), the privacy unit, and a warning when the noise was seeded."""
+    privacy = run.final.get("privacy") or {}
     has_eps = any("epsilon" in h for r in run.records for h in r.get("hospitals", {}).values())
-    if not has_eps:
+    ledgers = privacy.get("hospitals") or {}
+    if not has_eps and not ledgers and not privacy.get("client_level"):
         return Section(TITLES["privacy"], [Text(
             "Differential privacy was off: no round recorded an epsilon.")])
-    last: dict[str, float] = {}
-    for r in run.records:
-        for h, m in r.get("hospitals", {}).items():
-            if "epsilon" in m:
-                last[h] = m["epsilon"]
-    rows = [[h, _fmt(float(e), 3)] for h, e in sorted(last.items())]
-    return Section(TITLES["privacy"], [plot_epsilon(run, out / "epsilon.png"),
-                                       Table(["hospital", "final epsilon"], rows)])
+    blocks: list = []
+    if privacy.get("warning"):
+        blocks.append(Text(privacy["warning"], alert=True))
+    if ledgers:
+        blocks.append(Text(f"Privacy unit: {privacy.get('unit')}; accountant "
+                           f"{privacy.get('accountant')}; epsilon from each hospital's own "
+                           "ledger at the end of the run."))
+        rows = [[h, _fmt(float(m["epsilon"]), 3), f"{m['delta']:.2g}", str(m["dp_steps"]),
+                 _fmt(float(m["noise_multiplier"]), 3), _fmt(float(m["sample_rate"]), 4)]
+                for h, m in sorted(ledgers.items())]
+        blocks.append(Table(["hospital", "final epsilon", "delta", "DP steps", "noise",
+                             "sample rate"], rows))
+    elif has_eps:
+        last: dict[str, float] = {}
+        for r in run.records:
+            for h, m in r.get("hospitals", {}).items():
+                if "epsilon" in m:
+                    last[h] = m["epsilon"]
+        blocks.append(Table(["hospital", "final epsilon"],
+                            [[h, _fmt(float(e), 3)] for h, e in sorted(last.items())]))
+    server = privacy.get("client_level")
+    if server:
+        eps = server.get("epsilon")
+        blocks.append(Text(f"Client-level DP (DP-FedAvg, unit: hospital): epsilon "
+                           f"{'unbounded (no noise)' if eps is None else f'{eps:.3f}'} at delta "
+                           f"{server['delta']:.2g} after {server['rounds']} rounds."))
+    if has_eps:
+        blocks.insert(0, plot_epsilon(run, out / "epsilon.png"))
+    return Section(TITLES["privacy"], blocks)
 
 
 def timing_section(run: Run, out: Path) -> Section:

@@ -61,7 +61,8 @@ COORDINATOR_MIN_CPUS = 0.01
 # Fields that change the shards (split, partition, source): trials share one set of shards
 # unless the space touches one of these. Fields fixed for the whole sweep: the placement.
 SHARD_FIELDS = ("seed", "federation.hospitals", "data.source", "data.path", "data.synth",
-                "data.split", "data.partition", "data.include_segmented", "data.skip_bad")
+                "data.split", "data.partition", "data.include_segmented", "data.skip_bad",
+                "data.max_file_mb")
 FIXED_FIELDS = ("federation.hospitals", "runtime")
 # Fields holding paths: a relative value is the launcher's, made absolute when the sweep loads
 # (trials run in folders of their own).
@@ -797,6 +798,9 @@ def summarize(folder: str, grid: Any, sweep: Sweep,
     _put(folder, "curves.png", _plot(curves, c.metric))
     best = best_trial(rows, c)
     if best:
+        best["epsilon_trial"] = next((r["epsilon_max"] for r in rows
+                                      if r["trial_id"] == best["trial_id"]), None)
+        best["privacy_total"] = sweep_privacy_total(rows)
         _put(folder, "best.json", json.dumps(best, indent=2).encode())
     log(_console_table(table, folder, c))
     for row in rows:
@@ -808,6 +812,21 @@ def summarize(folder: str, grid: Any, sweep: Sweep,
     log(f"results: {folder}/results.csv, results.parquet, curves.png"
         + (", best.json" if best else ""))
     return SweepResult(folder, table, best)
+
+
+def sweep_privacy_total(rows: list[dict]) -> dict | None:
+    """Every trial trained on the same hospitals' data: their ledgers composed (see
+    fedray.privacy.totals). Trials on remote storage are read where they were downloaded to;
+    a trial folder that cannot be read locally is named in `unread`."""
+    from fedray.privacy.totals import total_epsilon
+
+    local = [r["run_dir"] for r in rows if r.get("run_dir") and not _is_uri(r["run_dir"])
+             and Path(r["run_dir"]).is_dir()]
+    total = total_epsilon([Path(d) for d in local])
+    unread = [r["run_dir"] for r in rows if r.get("run_dir") and r["run_dir"] not in local]
+    if total is not None and unread:
+        total["unread"] = unread
+    return total
 
 
 def _console_table(table: pd.DataFrame, folder: str, config: SweepConfig) -> str:

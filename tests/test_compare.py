@@ -32,7 +32,9 @@ def test_compare_with_centralized_baseline(ray_session, tmp_path: Path, capsys) 
         args += ["--set", s]
     assert cli_main(args) == 0
     folder = next((tmp_path / "cmp").iterdir())
-    rows = json.loads((folder / "comparison.json").read_text())
+    comparison = json.loads((folder / "comparison.json").read_text())
+    rows = comparison["variants"]
+    assert comparison["privacy_total"] is None  # no DP variant: nothing spent
     assert [r["variant"] for r in rows] == ["fedavg", "fedbn", "centralized"]
     assert all(0 <= r["accuracy"] <= 1 for r in rows)
     central = folder / "runs" / "centralized"

@@ -36,7 +36,8 @@ def load_source(config: DataConfig, seed: int) -> pa.Table:
         from fedray.data import catalog
 
         cat = catalog.scan(Path(config.path), skip_bad=config.skip_bad,
-                           include_segmented=config.include_segmented)
+                           include_segmented=config.include_segmented,
+                           max_file_mb=config.max_file_mb)
         return attach_images(cat.table, cat.root)
     return load_prepared(Path(config.path))
 
