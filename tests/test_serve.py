@@ -3,9 +3,11 @@
 Two applications of serve.app:build_app run side by side on one Serve instance, deployed the
 way `serve deploy` and a RayService deploy them (the controller's declarative config path):
   main    (/)        open, small limits so that oversized images are cheap to make
-  secure  (/secure)  bearer token from an env var, TorchScript runtime, and a Model with one
-                     slot and a queue of one, to overload on purpose
-The packages are two tiny 32 px smallcnn runs (seeds 0 and 1) exported with export_package.
+  secure  (/secure)  bearer token from an env var, TorchScript runtime, a Model with one
+                     slot and a queue of one, to overload on purpose, and a short
+                     request_timeout_s, to time a stalled upload out
+The packages are two tiny 32 px smallcnn runs (seeds 0 and 1) exported with export_package,
+each with its validation split, so they carry an out-of-distribution threshold.
 Hot swap is a redeploy of the same config with the Model's user_config changed, exactly what
 editing a serve config or a RayService's serveConfigV2 does, so it runs last.
 """
@@ -43,6 +45,7 @@ TOKEN_ENV = "FEDRAY_TEST_API_TOKEN"
 TOKEN = "s3cret-token"
 UNSET_ENV = "FEDRAY_TEST_UNSET_API_TOKEN"  # never set: a token variable that is missing
 MAIN_LIMITS = {"max_image_bytes": 200_000, "max_pixels": 256 * 256, "max_batch_images": 4}
+SECURE_TIMEOUT_S = 8.0
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -84,6 +87,7 @@ def _train(run_dir: Path, shard_dir: Path, seed: int) -> Path:
     while coordinator.run_round() is not None:
         pass
     coordinator.finish()
+    shutil.copytree(shard_dir, run_dir / "data")  # as `fedray train` keeps them: val included
     return run_dir
 
 
@@ -140,7 +144,8 @@ def _config(packages: dict[str, Path], model_user_config: dict | None = None) ->
     return {"applications": [
         app("main", "/", {**MAIN_LIMITS, "max_batch_size": 8}, main_model),
         app("secure", "/secure", {"auth_token_env": TOKEN_ENV, "runtime": "torchscript",
-                                  "max_batch_size": 1, "max_batch_images": 8},
+                                  "max_batch_size": 1, "max_batch_images": 8,
+                                  "request_timeout_s": SECURE_TIMEOUT_S},
             {"max_ongoing_requests": 1, "max_queued_requests": 1}, env={TOKEN_ENV: TOKEN}),
     ]}
 
@@ -174,7 +179,10 @@ def service(ray_session, packages) -> dict:
     from ray import serve
 
     port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    proxy_timeout = yaml.safe_load((REPO / "serve" / "config.yaml").read_text())[
+        "http_options"]["request_timeout_s"]
+    serve.start(http_options={"host": "127.0.0.1", "port": port,
+                              "request_timeout_s": proxy_timeout})
     try:
         _deploy(_config(packages))
         base = f"http://127.0.0.1:{port}"
@@ -225,6 +233,9 @@ def test_config_file_is_a_serve_config_of_this_app():
     assert {d.name for d in app.deployments} == {"Ingress", "Model"}
     parsed = parse_args(app.args)
     assert parsed.max_batch_size == 16 and parsed.auth_token_env == "FEDRAY_API_TOKEN"
+    # The app's own deadline answers first (JSON 504); Serve's proxy timeout is the backstop.
+    assert parsed.min_image_side == 32
+    assert raw["http_options"]["request_timeout_s"] > parsed.request_timeout_s
     # Open without the token only because it listens on loopback.
     assert parsed.allow_unauthenticated and raw["http_options"]["host"] == "127.0.0.1"
 
@@ -289,6 +300,245 @@ def test_served_decode_is_the_training_decode(smears, fmt, mode):
     decoded = decode_upload(Upload("x", data), limits, 32, display_max=40)
     np.testing.assert_array_equal(decoded.model_input, decode_image(data, 32))
     assert decoded.display.shape == (40, 40, 3)
+
+
+def _limits(**overrides):
+    from fedray.serving.images import Limits
+
+    return Limits(**{"max_image_bytes": 10**6, "max_pixels": 10**6, "max_batch_images": 4,
+                     "min_side": 32, **overrides})
+
+
+def _decode(data: bytes, **limits):
+    from fedray.serving.images import Upload, decode_upload
+
+    return decode_upload(Upload("x.png", data), _limits(**limits), 32).model_input
+
+
+def _refusal(data: bytes) -> tuple[str, int, str]:
+    from fedray.serving.images import RequestError
+
+    with pytest.raises(RequestError) as caught:
+        _decode(data)
+    return caught.value.code, caught.value.status, caught.value.detail
+
+
+def test_high_bit_depth_images_are_scaled_not_clipped():
+    from fedray.data.shards import decode_image
+
+    ramp = (np.arange(48 * 48).reshape(48, 48) * 28).astype(np.uint16)  # 0 .. 64484
+    data = _png(Image.fromarray(ramp))
+    expected = np.rint(ramp.astype(np.float64) * 255 / 65535).astype(np.uint8)
+    expected = np.asarray(Image.fromarray(np.repeat(expected[..., None], 3, 2)).resize(
+        (32, 32), Image.Resampling.BILINEAR))
+    served = _decode(data)
+    np.testing.assert_array_equal(served, expected)
+    assert 100 < served.mean() < 155  # clipped to 8 bits it was nearly all white (mean ~254)
+    np.testing.assert_array_equal(decode_image(data, 32), served)  # training decodes the same
+    floats = np.linspace(0, 1, 48 * 48).reshape(48, 48)
+    np.testing.assert_array_equal(
+        _decode(_float_tiff(floats)), _decode(_png(np.repeat(
+            np.rint(floats * 255).astype(np.uint8)[..., None], 3, 2))))
+    code, status, detail = _refusal(_float_tiff(np.full((48, 48), np.nan)))
+    assert (code, status) == ("unsupported_pixel_format", 422) and "NaN" in detail
+
+
+def test_exif_orientation_is_applied():
+    from fedray.data.shards import decode_image
+
+    upright = np.zeros((64, 48, 3), np.uint8)
+    upright[:16] = (255, 0, 0)  # a red band at the top of the upright picture
+    # Stored turned 90 degrees with EXIF orientation 6 ("rotate 90 CW to view"), as cameras do.
+    stored = Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buffer = io.BytesIO()
+    stored.save(buffer, format="PNG", exif=exif.tobytes())
+    served = _decode(buffer.getvalue())
+    expected = _decode(_png(upright))
+    assert np.abs(served.astype(int) - expected.astype(int)).max() <= 2
+    assert served[2, 16, 0] > 200 and served[30, 16, 0] < 50
+    np.testing.assert_array_equal(decode_image(buffer.getvalue(), 32), served)
+
+
+def test_multi_frame_and_small_images_are_refused_by_training_and_serving():
+    from fedray.data.decode import DecodeError
+    from fedray.data.shards import decode_image
+
+    for data in (_frames("red", "blue"), _frames("red", "green", "blue", fmt="PNG")):
+        code, status, detail = _refusal(data)
+        assert (code, status) == ("multi_frame", 422) and "x.png" in detail
+        with pytest.raises(DecodeError, match="frames"):
+            decode_image(data, 32)
+    assert _decode(_frames("red")).shape == (32, 32, 3)  # one frame is fine
+    for size in ((1, 1), (31, 200), (200, 31)):
+        code, status, detail = _refusal(_png(np.zeros((*size, 3), np.uint8)))
+        assert (code, status) == ("image_too_small", 422), (size, code)
+        assert f"{size[1]}x{size[0]}" in detail and "32" in detail
+    assert _decode(_png(np.zeros((32, 300, 3), np.uint8))).shape == (32, 32, 3)
+
+
+def test_predictions_beyond_the_threshold_abstain_with_probabilities(packages, in_process,
+                                                                     smears):
+    from fedray.serving.predictor import Predictor
+
+    predictor = Predictor(str(packages["a"]))
+    threshold = in_process["a"].card["ood"]["threshold"]
+    odd = [_decode(data) for data in _odd_images().values()]
+    normal = [_decode(data) for data in smears[:8]]
+    answers = predictor.predict(odd + normal)
+    for answer in answers[:len(odd)]:
+        assert answer["abstain"] is True and answer["ood_score"] > threshold
+        assert f"{threshold:.4f}" in answer["abstain_reason"]
+        assert sum(answer["probabilities"].values()) == pytest.approx(1, abs=1e-5)
+    for answer in answers[len(odd):]:
+        assert answer["abstain"] is (answer["ood_score"] > threshold)
+        assert (answer["abstain_reason"] is None) is (not answer["abstain"])
+    assert sum(a["abstain"] for a in answers[len(odd):]) <= len(normal) // 2
+
+
+def test_readiness_reads_state_without_a_forward_pass(packages):
+    """Model.ready answers from what was checked at load: a model whose forward pass would now
+    fail (or take long) still answers a probe at once, and never runs it."""
+    from fedray.serving.deployments import Model
+
+    async def scenario() -> None:
+        model = Model.func_or_class({"package": str(packages["a"]), "device": "cpu"})
+        await model.reconfigure({})
+        package = model.predictor.served.package
+
+        def forward(batch):
+            raise AssertionError("readiness ran a forward pass")
+
+        package.forward = forward
+        ready = await model.ready()
+        assert ready["model"]["hash"] == package.model_hash and ready["refused"] is None
+
+    asyncio.run(scenario())
+
+
+# ---- the Ingress's own code, outside Serve, with a stand-in Model handle
+
+
+class _Response:
+    """A stand-in DeploymentResponse: awaits `work`, records a cancel."""
+
+    def __init__(self, work) -> None:
+        self.work, self.cancelled = work, False
+
+    def __await__(self):
+        return self.work.__await__()
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class _Method:
+    def __init__(self, fn) -> None:
+        self.fn, self.calls = fn, []
+
+    def remote(self, *args):
+        self.calls.append(_Response(self.fn(*args)))
+        return self.calls[-1]
+
+
+class _StandInModel:
+    def __init__(self, hang: bool = False) -> None:
+        async def info():
+            return {"image_size": 32}
+
+        async def predict_many(images):
+            if hang:
+                await asyncio.Event().wait()  # a model that never answers
+            return [{"n": len(images), "image_size": 32} for _ in images]
+
+        self.info, self.predict_many = _Method(info), _Method(predict_many)
+        self.predict = _Method(lambda image: predict_many([image]))
+
+
+def _ingress(model, **args):
+    from fedray.serving.deployments import Ingress
+
+    plain = Ingress.func_or_class.__mro__[1]  # the class serve.ingress wraps, without Serve
+    return plain(model, {"package": "p", **args})
+
+
+def _asgi_request(body: bytes, content_type: str, *, chunk: int = 65536, stall: bool = False):
+    """A Starlette request whose body arrives in chunks; `stall`: the last never comes."""
+    from starlette.requests import Request
+
+    view, sent = memoryview(body), [0]
+
+    async def receive() -> dict:
+        start = sent[0]
+        if stall and start + chunk >= len(body):
+            await asyncio.Event().wait()  # the client stops sending
+        sent[0] = start + chunk
+        return {"type": "http.request", "body": bytes(view[start:start + chunk]),
+                "more_body": sent[0] < len(body)}
+
+    headers = [(b"content-type", content_type.encode()),
+               (b"content-length", str(len(body)).encode())]
+    return Request({"type": "http", "method": "POST", "path": "/v1/predict/batch",
+                    "headers": headers, "query_string": b""}, receive)
+
+
+def _multipart(images: list[bytes], field: str = "files") -> tuple[bytes, str]:
+    from urllib3 import encode_multipart_formdata
+
+    return encode_multipart_formdata(
+        [(field, (f"{i}.png", data, "image/png")) for i, data in enumerate(images)])
+
+
+def test_batch_route_holds_one_image_at_a_time():
+    """Peak Python memory of a whole /v1/predict/batch request (read, parse, decode) with 8
+    images of ~270 kB: one image's bytes twice (its pieces and their join), not the body's
+    (2.2 MB), let alone twice that. The bound: 2 x max_image_bytes + 256 KiB per request."""
+    import tracemalloc
+
+    rng = np.random.default_rng(5)
+    images = [_png(rng.integers(0, 256, (300, 300, 3), dtype=np.uint8)) for _ in range(8)]
+    part_limit = max(len(i) for i in images) + 1
+    body, content_type = _multipart(images)
+    model = _StandInModel()
+    ingress = _ingress(model, max_image_bytes=part_limit, max_batch_images=8, max_pixels=10**6)
+
+    async def route():
+        return await ingress.predict_batch(_asgi_request(body, content_type))
+
+    asyncio.run(route())  # decoders and parsers imported and warm: not part of a request
+    model.predict_many.calls.clear()
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        before = tracemalloc.get_traced_memory()[0]
+        answers = asyncio.run(route())
+        peak = tracemalloc.get_traced_memory()[1] - before
+    finally:
+        tracemalloc.stop()
+    assert [a["n"] for a in answers] == [8] * 8
+    assert len(model.predict_many.calls) == 1
+    print(f"batch of 8 x {part_limit} B (body {len(body)} B): peak {peak} B")
+    assert peak < 2 * part_limit + 256 * 1024, peak
+    assert peak < len(body) / 3, peak
+
+
+def test_a_stalled_upload_or_model_gets_504_and_the_model_call_is_cancelled(smears):
+    from fedray.serving.images import RequestError
+
+    stalled = _ingress(_StandInModel(), request_timeout_s=0.5)
+    body, content_type = _multipart(smears[:2])
+    with pytest.raises(RequestError) as caught:
+        asyncio.run(stalled.predict_batch(_asgi_request(body, content_type, stall=True)))
+    assert (caught.value.code, caught.value.status) == ("request_timeout", 504)
+    assert "/v1/predict/batch" in caught.value.detail and "0.5" in caught.value.detail
+
+    hung = _StandInModel(hang=True)
+    with pytest.raises(RequestError, match="request_timeout_s = 0.5"):
+        asyncio.run(_ingress(hung, request_timeout_s=0.5).predict_batch(
+            _asgi_request(body, content_type)))
+    (call,) = hung.predict_many.calls
+    assert call.cancelled
 
 
 def test_predictor_keeps_serving_when_a_swap_fails(packages, in_process, smears):
@@ -437,6 +687,26 @@ def _bomb() -> bytes:
     return _png(Image.new("1", (2000, 2000)))  # 4 Mpx in ~1 kB
 
 
+def _frames(*colours: str, fmt: str = "TIFF") -> bytes:
+    """A multi-frame (multi-page TIFF, animated PNG) image, one 48 px frame per colour."""
+    frames = [Image.new("RGB", (48, 48), c) for c in colours]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format=fmt, save_all=True, append_images=frames[1:])
+    return buffer.getvalue()
+
+
+def _float_tiff(values: np.ndarray) -> bytes:
+    return _png(Image.fromarray(values.astype(np.float32), "F"), "TIFF")
+
+
+def _odd_images() -> dict[str, bytes]:
+    """Images no smear classifier can judge: blank slides and sensor noise, 64 px."""
+    rng = np.random.default_rng(3)
+    return {"white": _png(np.full((64, 64, 3), 255, np.uint8)),
+            "black": _png(np.zeros((64, 64, 3), np.uint8)),
+            "noise": _png(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))}
+
+
 def _bad_requests(smears: list[bytes]) -> list[tuple[str, str, dict, int, str, str]]:
     """(case, path, requests kwargs, status, error code, text the detail must contain)."""
     good = smears[0]
@@ -497,6 +767,22 @@ def _bad_requests(smears: list[bytes]) -> list[tuple[str, str, dict, int, str, s
         ("two files to single predict", "/v1/predict",
          {"files": [("file", ("a.png", good)), ("file", ("b.png", good))]}, 400,
          "too_many_files", "batch"),
+        ("one pixel", "/v1/predict", part(_png(np.zeros((1, 1, 3), np.uint8)), "dot.png"), 422,
+         "image_too_small", "dot.png"),
+        ("a side under the minimum", "/v1/predict",
+         raw(_png(np.zeros((20, 200, 3), np.uint8)), "image/png"), 422, "image_too_small",
+         "200x20"),
+        ("small part of a batch", "/v1/predict/batch",
+         {"files": [("files", ("ok.png", good, "image/png")),
+                    ("files", ("dot.png", _png(np.zeros((8, 8, 3), np.uint8)), "image/png"))]},
+         422, "image_too_small", "files[1] ('dot.png')"),
+        ("multi-page tiff", "/v1/predict", part(_frames("red", "blue"), "stack.tif", ctype="image/tiff"),
+         422, "multi_frame", "stack.tif"),
+        ("animated png", "/v1/predict", raw(_frames("red", "blue", fmt="PNG"), "image/png"), 422,
+         "multi_frame", "2 frames"),
+        ("float outside [0, 1]", "/v1/predict",
+         part(_float_tiff(np.full((48, 48), 300.0)), "hdr.tif", ctype="image/tiff"), 422,
+         "unsupported_pixel_format", "hdr.tif"),
     ]
 
 
@@ -541,6 +827,63 @@ def test_overload_is_a_quick_503_not_a_queue(service, smears, http):
     _still_serving(http, url, smears[0], headers=auth)
 
 
+def test_blank_and_noise_abstain_on_both_routes(service, in_process, smears, http):
+    url, package = service["url"], in_process["a"]
+    threshold = package.card["ood"]["threshold"]
+    odd = _odd_images()
+    for name, data in odd.items():
+        body = _predict(http, url, data).json()
+        assert body["abstain"] is True, (name, body)
+        assert body["ood_score"] > threshold and f"{threshold:.4f}" in body["abstain_reason"]
+        assert sum(body["probabilities"].values()) == pytest.approx(1, abs=1e-5)
+    files = [("files", ("smear.png", smears[0], "image/png"))] + [
+        ("files", (f"{name}.png", data, "image/png")) for name, data in odd.items()]
+    batch = http.post(f"{url}/v1/predict/batch", files=files[:4], timeout=30)
+    assert batch.status_code == 200, batch.text
+    answers = batch.json()
+    assert [a["abstain"] for a in answers[1:]] == [True] * 3
+    rgb = np.asarray(Image.open(io.BytesIO(smears[0])).convert("RGB"))
+    _, scores = package.score(package.preprocess([rgb]))
+    assert answers[0]["ood_score"] == pytest.approx(float(scores[0]), abs=1e-4)
+    assert answers[0]["abstain"] is (float(scores[0]) > threshold)
+
+
+def test_a_sixteen_bit_image_is_served_as_training_decodes_it(service, in_process, http):
+    from fedray.data.shards import decode_image
+
+    ramp = (np.add.outer(np.arange(48), np.arange(48)) * 600).astype(np.uint16)
+    data = _png(Image.fromarray(ramp))
+    response = http.post(f"{service['url']}/v1/predict", data=data,
+                         headers={"Content-Type": "image/png"}, timeout=30)
+    assert response.status_code == 200, response.text
+    package = in_process["a"]
+    expected = package.predict_proba(package.preprocess([decode_image(data, 32)])).numpy()[0]
+    np.testing.assert_allclose(_probs(response.json(), package.classes), expected, atol=1e-5)
+
+
+def test_a_stalled_upload_gets_a_json_504_over_http(service):
+    """A client that sends half its body and stops: the Ingress's deadline answers, in JSON,
+    before Serve's proxy timeout would (a socket, since HTTP clients always finish bodies)."""
+    host, port = service["url"].removeprefix("http://").split(":")
+    head = (f"POST /secure/v1/predict HTTP/1.1\r\nHost: {host}\r\n"
+            f"Authorization: Bearer {TOKEN}\r\nContent-Type: image/png\r\n"
+            "Content-Length: 100000\r\nConnection: close\r\n\r\n").encode()
+    start = time.monotonic()
+    with socket.create_connection((host, int(port)), timeout=120) as conn:
+        conn.sendall(head + b"\x89PNG" + bytes(1000))
+        reply = b""
+        while b"\r\n\r\n" not in reply or not reply.rstrip().endswith(b"}"):
+            chunk = conn.recv(65536)
+            if not chunk:
+                break
+            reply += chunk
+    seconds = time.monotonic() - start
+    status_line, _, rest = reply.partition(b"\r\n")
+    assert b" 504 " in status_line, reply[:300]
+    assert b'"request_timeout"' in rest and b"request_timeout_s = 8" in rest
+    assert SECURE_TIMEOUT_S <= seconds < SECURE_TIMEOUT_S + 20
+
+
 # --------------------------------------------------------------------------- auth
 
 
@@ -560,7 +903,11 @@ def test_bearer_token_guards_v1_but_not_health(service, in_process, smears, http
                                _expected(in_process["a"], smears[0]), atol=1e-4)
     assert http.get(f"{url}/v1/model", headers=auth).json()["runtime"] == "torchscript"
     assert http.get(f"{url}/healthz").status_code == 200
-    assert http.get(f"{url}/readyz").status_code == 200
+    # Readiness stays open to probes, but says which model only to a caller /v1 admits.
+    anonymous = http.get(f"{url}/readyz")
+    assert anonymous.status_code == 200 and anonymous.json() == {"status": "ready", "model": None}
+    named = http.get(f"{url}/readyz", headers=auth).json()
+    assert named["model"]["hash"] == in_process["a"].model_hash
     assert _predict(http, service["url"], smears[0]).status_code == 200  # main is open
 
 

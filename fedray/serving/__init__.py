@@ -40,6 +40,12 @@ class ServeArgs(BaseModel):
     max_image_bytes: int = Field(10 * 1024 * 1024, ge=1, description="largest accepted upload")
     max_pixels: int = Field(4096 * 4096, ge=1, description="largest width x height (bomb guard)")
     max_batch_images: int = Field(32, ge=1, description="most images in one batch request")
+    min_image_side: int = Field(32, ge=1, description="images with a shorter side get 422 "
+                                "image_too_small: too little to classify")
+    request_timeout_s: float = Field(30.0, gt=0, le=3600, description="a request not answered "
+                                     "within this gets 504 request_timeout (body, decoding and "
+                                     "model together); the Serve proxy's request_timeout_s "
+                                     "should be a little longer")
     auth_token_env: str | None = Field(
         None, description="env var holding the bearer token /v1 requires; the Ingress refuses "
                           "to start while it is unset or empty (see allow_unauthenticated)")
@@ -98,6 +104,10 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--runtime", choices=["pytorch", "torchscript"], default="pytorch")
     serve.add_argument("--max-batch-size", type=int, default=16)
     serve.add_argument("--batch-wait-timeout-s", type=float, default=0.005)
+    serve.add_argument("--request-timeout-s", type=float, default=30.0,
+                       help="answer 504 to a request not done within this many seconds")
+    serve.add_argument("--min-image-side", type=int, default=32,
+                       help="refuse images with a shorter side (422 image_too_small)")
     serve.add_argument("--replicas", type=int, help="fixed number of Model replicas (default 1)")
     serve.add_argument("--min-replicas", type=int, help="autoscale Model replicas from this ...")
     serve.add_argument("--max-replicas", type=int, help="... to this")
@@ -137,6 +147,11 @@ def _model_scaling(args: argparse.Namespace) -> dict:
     return options
 
 
+def proxy_timeout_s(args: ServeArgs) -> float:
+    """The Serve proxy's request_timeout_s for an application with these args."""
+    return args.request_timeout_s + 5.0
+
+
 def local_uri(package: str) -> str:
     """`package` with a local path made absolute: replicas may run in another folder."""
     if "://" in package:
@@ -151,7 +166,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "package": local_uri(args.package), "device": args.device, "runtime": args.runtime,
         "max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait_timeout_s,
         "auth_token_env": args.auth_token_env,
-        "allow_unauthenticated": args.allow_unauthenticated})
+        "allow_unauthenticated": args.allow_unauthenticated,
+        "request_timeout_s": args.request_timeout_s, "min_image_side": args.min_image_side})
     model_options = _model_scaling(args)
     card = verify_package(serve_args.package)  # a bad package fails here, before Ray starts
 
@@ -170,7 +186,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
             ray.init(include_dashboard=False, configure_logging=False)
     before = serve.status()
     serve_was_running = bool(before.proxies or before.applications)
-    serve.start(http_options={"host": args.host, "port": args.port})
+    # Serve's proxy ends a request after its own request_timeout_s (408): a backstop a little
+    # past the Ingress's deadline, which answers first with a JSON 504.
+    serve.start(http_options={"host": args.host, "port": args.port,
+                              "request_timeout_s": proxy_timeout_s(serve_args)})
     try:
         serve.run(application(serve_args, model_options=model_options), name=args.name,
                   route_prefix=args.route_prefix, blocking=False)

@@ -2,7 +2,10 @@
 
 Ingress does everything that needs no model (auth, body limits, multipart, decoding and
 checking images) so bad input is refused before it reaches the accelerator, and it turns every
-refusal, overload (Serve's BackPressureError) or Model failure into a JSON error body. Model
+refusal, overload (Serve's BackPressureError) or Model failure into a JSON error body. Each /v1
+request has a deadline (args.request_timeout_s): past it the Ingress answers 504
+request_timeout and cancels the Model call; Serve's proxy timeout (http_options
+request_timeout_s, which a client's header can change) is only the backstop. Model
 holds a fedray.serving.predictor.Predictor; `@serve.batch` gathers concurrent requests into
 one forward pass, and `reconfigure(user_config)` swaps packages in place.
 
@@ -48,9 +51,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from fedray import __version__
 from fedray.config import format_validation_error
 from fedray.serving import EXPLAIN_METHODS, ServeArgs, auth_token, parse_args
-from fedray.serving.images import ACCEPTED_TYPES, Limits, RequestError, decode_upload
+from fedray.serving.images import ACCEPTED_TYPES, Limits, RequestError, Upload, decode_upload
 from fedray.serving.schemas import ErrorBody, Explanation, Health, ModelInfo, Prediction, Ready
-from fedray.serving.uploads import batch_uploads, single_upload
+from fedray.serving.uploads import batch_parts, single_upload
 
 if TYPE_CHECKING:  # torch stays out of the Ingress replicas
     from fedray.serving.predictor import Predictor
@@ -159,9 +162,10 @@ class Model:
         return await self._run(self.predictor.explain, image, method)
 
     async def ready(self) -> dict:
-        """The served model after a test forward pass, and the refused swap if the last was."""
-        return {"model": await self._run(self.predictor.ready), "package":
-                self.predictor.served.uri, "refused": self.predictor.refused}
+        """The served model (test-run when loaded) and the refused swap if the last was; from
+        state, so a probe never waits behind the batches on the model thread."""
+        return {"model": self.predictor.ready(), "package": self.predictor.served.uri,
+                "refused": self.predictor.refused}
 
     async def info(self) -> dict:
         replica = serve.get_replica_context().replica_id.unique_id
@@ -182,7 +186,9 @@ _ERRORS = {status: {"model": ErrorBody, "description": text} for status, text in
     401: "missing or wrong bearer token (when the service requires one)",
     413: "image, pixel count or batch over the limit; decompression bomb",
     415: "Content-Type that is not an accepted image type or multipart",
+    422: "an image it cannot judge: image_too_small, multi_frame, unsupported_pixel_format",
     503: "overloaded (retry later) or model unavailable",
+    504: "request_timeout: not answered within the service's request_timeout_s",
 }.items()}
 
 _BINARY = {"type": "string", "format": "binary"}
@@ -242,6 +248,12 @@ def _overlay_png(display: np.ndarray, heat: np.ndarray) -> tuple[str, tuple[int,
     return base64.b64encode(buffer.getvalue()).decode("ascii"), (tile.shape[1], tile.shape[0])
 
 
+def _decode_taking(box: list[Upload], limits: Limits, size: int) -> np.ndarray:
+    """The model input of the upload in `box`, which it empties: the bytes are freed when the
+    decode returns, not whenever the worker thread lets go of its arguments."""
+    return decode_upload(box.pop(), limits, size).model_input
+
+
 def _ms(start: float) -> float:
     return round((time.perf_counter() - start) * 1000.0, 3)
 
@@ -252,7 +264,7 @@ class Ingress:
     def __init__(self, model: DeploymentHandle, args: dict) -> None:
         self._args = parse_args(args)
         self._limits = Limits(self._args.max_image_bytes, self._args.max_pixels,
-                              self._args.max_batch_images)
+                              self._args.max_batch_images, self._args.min_image_side)
         # PIL's own bomb guard at our limit: it raises past twice the limit at Image.open; up
         # to that, decode_upload's header check refuses first, so its warning is noise here.
         Image.MAX_IMAGE_PIXELS = self._args.max_pixels
@@ -266,19 +278,37 @@ class Ingress:
 
     # ---- helpers
 
-    def _authorize(self, request: Request) -> None:
+    def _authorized(self, request: Request) -> bool:
         if self._token is None:
-            return
+            return True
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(),
-                                                                 self._token.encode()):
+        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(),
+                                                                  self._token.encode())
+
+    def _authorize(self, request: Request) -> None:
+        if not self._authorized(request):
             raise RequestError("unauthorized", "missing or wrong bearer token; send "
                                "'Authorization: Bearer <token>'", 401)
 
+    async def _within_deadline(self, work, route: str) -> Any:
+        """`work`'s result, or 504 request_timeout once args.request_timeout_s has passed
+        (the body still arriving, decoding or the model: the whole request counts)."""
+        limit = self._args.request_timeout_s
+        try:
+            return await asyncio.wait_for(work, limit)
+        except TimeoutError:
+            raise RequestError("request_timeout", f"{route}: not answered within "
+                               f"request_timeout_s = {limit:g} s (a slow upload counts too)",
+                               504) from None
+
     async def _ask(self, response) -> Any:
-        """A Model call's result; overload and unavailability become 503 RequestErrors."""
+        """A Model call's result; overload and unavailability become 503 RequestErrors, and a
+        caller that stops waiting (deadline, disconnect) cancels the call."""
         try:
             return await response
+        except asyncio.CancelledError:
+            response.cancel()
+            raise
         except BackPressureError as exc:
             raise RequestError("overloaded", f"the model's queue is full ({exc}); retry shortly",
                                503) from None
@@ -304,8 +334,12 @@ class Ingress:
     async def predict(self, request: Request) -> dict:
         start = time.perf_counter()
         self._authorize(request)
+        return await self._within_deadline(self._predict(request, start), "/v1/predict")
+
+    async def _predict(self, request: Request, start: float) -> dict:
         upload = await single_upload(request, self._limits)
         image = await asyncio.to_thread(decode_upload, upload, self._limits, await self._size())
+        del upload  # its bytes are not needed past the decode
         result = await self._ask(self._model.predict.remote(image.model_input))
         return self._prediction(result, start)
 
@@ -314,11 +348,19 @@ class Ingress:
     async def predict_batch(self, request: Request) -> list[dict]:
         start = time.perf_counter()
         self._authorize(request)
-        uploads = await batch_uploads(request, self._limits)
+        return await self._within_deadline(self._predict_batch(request, start),
+                                           "/v1/predict/batch")
+
+    async def _predict_batch(self, request: Request, start: float) -> list[dict]:
+        # Each part is decoded as soon as it has arrived and its bytes dropped: a request holds
+        # one part's bytes (<= max_image_bytes) and the model-size arrays, never the body.
         size = await self._size()
-        images = await asyncio.to_thread(
-            lambda: [decode_upload(u, self._limits, size) for u in uploads])
-        results = await self._ask(self._model.predict_many.remote([im.model_input for im in images]))
+        inputs = []
+        async for upload in batch_parts(request, self._limits):
+            box = [upload]
+            del upload
+            inputs.append(await asyncio.to_thread(_decode_taking, box, self._limits, size))
+        results = await self._ask(self._model.predict_many.remote(inputs))
         return [self._prediction(r, start) for r in results]
 
     @api.post("/v1/explain", response_model=Explanation, responses=_ERRORS,
@@ -333,6 +375,9 @@ class Ingress:
         if method not in EXPLAIN_METHODS:
             raise RequestError("unknown_method", f"method {method!r}: choose one of "
                                f"{', '.join(EXPLAIN_METHODS)}")
+        return await self._within_deadline(self._explain(request, method, start), "/v1/explain")
+
+    async def _explain(self, request: Request, method: str, start: float) -> dict:
         upload = await single_upload(request, self._limits)
         image = await asyncio.to_thread(decode_upload, upload, self._limits, await self._size(),
                                         DISPLAY_MAX)
@@ -352,18 +397,27 @@ class Ingress:
         return {"status": "ok"}
 
     @api.get("/readyz", response_model=Ready, responses={503: _ERRORS[503]},
-             summary="readiness: a model is loaded and a one-image forward pass works")
-    async def readyz(self):
+             summary="readiness: a Model replica answers with a loaded, test-run package")
+    async def readyz(self, request: Request):
+        # Open to probes, and cheap: the Model answers from state (its package was test-run
+        # when loaded), no forward pass. Which package, and why a swap was refused, only to a
+        # caller /v1 would admit: package URIs and errors are not for anyone who can connect.
+        detailed = self._authorized(request)
         try:
             ready = await asyncio.wait_for(self._ask(self._model.ready.remote()), READY_TIMEOUT_S)
         except Exception as exc:  # noqa: BLE001 - any failure means not ready
-            return _error(503, "not_ready", f"{type(exc).__name__}: {exc}"[:500])
+            detail = f"{type(exc).__name__}: {exc}"[:500] if detailed else "no model replica " \
+                "answered (send the bearer token for details)"
+            return _error(503, "not_ready", detail)
         if ready["refused"]:
             # Predictions still work (old model), but the deployed config is not what runs.
             refused = ready["refused"]
-            return _error(503, "swap_refused", f"still serving {ready['package']}; the config's "
-                          f"package {refused['package']} was refused: {refused['error']}"[:1000])
-        return {"status": "ready", "model": ready["model"]}
+            detail = (f"still serving {ready['package']}; the config's package "
+                      f"{refused['package']} was refused: {refused['error']}"[:1000] if detailed
+                      else "the deployed package was refused; an older one serves (send the "
+                           "bearer token for details)")
+            return _error(503, "swap_refused", detail)
+        return {"status": "ready", "model": ready["model"] if detailed else None}
 
 
 # --------------------------------------------------------------------------- application

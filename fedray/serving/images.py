@@ -1,18 +1,20 @@
 """Untrusted upload bytes -> the RGB arrays a model takes, or a RequestError that says why not.
 
-The model-size array is made exactly as training decoded its shards (PIL, convert to RGB,
-bilinear resize: fedray.data.shards.decode_image), so a served prediction equals an in-process
-one on the same file. Size limits are checked on the header, before any pixel is decoded; only
-JPEG, PNG and TIFF decoders are ever tried on the bytes.
+The model-size array is made by the decoder training used on its shards (fedray.data.decode:
+one frame only, EXIF orientation applied, 16-bit and float pixels scaled, never clipped, then
+bilinear resize), so a served prediction equals an in-process one on the same file. Size
+limits (too many pixels, a side under min_image_side) are checked on the header, before any
+pixel is decoded; only JPEG, PNG and TIFF decoders are ever tried on the bytes.
 """
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+from fedray.data.decode import DecodeError, open_rgb, resized
 
 ACCEPTED_TYPES: tuple[str, ...] = ("image/jpeg", "image/png", "image/tiff")
 PIL_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "TIFF")  # JPEG also opens cameras' MPO files
@@ -36,6 +38,7 @@ class Limits:
     max_image_bytes: int
     max_pixels: int
     max_batch_images: int
+    min_side: int = 1
 
 
 @dataclass(frozen=True)
@@ -67,19 +70,26 @@ def decode_upload(upload: Upload, limits: Limits, size: int,
     if len(data) > limits.max_image_bytes:
         raise RequestError("image_too_large", f"{name}: {len(data)} bytes, over the limit of "
                            f"{limits.max_image_bytes} bytes", 413)
+
+    def check(img: Image.Image) -> None:
+        width, height = img.size
+        if width < 1 or height < 1:
+            raise RequestError("corrupt_image", f"{name}: image of size {width}x{height}")
+        if width * height > limits.max_pixels:
+            raise RequestError("too_many_pixels", f"{name}: {width}x{height} = "
+                               f"{width * height} pixels, over the limit of "
+                               f"{limits.max_pixels}", 413)
+        if min(width, height) < limits.min_side:
+            raise RequestError("image_too_small", f"{name}: {width}x{height} pixels, a side "
+                               f"under the minimum of {limits.min_side}: too little of a smear "
+                               "to classify", 422)
+
     try:
-        with Image.open(io.BytesIO(data), formats=PIL_FORMATS) as img:
-            width, height = img.size
-            if width < 1 or height < 1:
-                raise RequestError("corrupt_image", f"{name}: image of size {width}x{height}")
-            if width * height > limits.max_pixels:
-                raise RequestError("too_many_pixels", f"{name}: {width}x{height} = "
-                                   f"{width * height} pixels, over the limit of "
-                                   f"{limits.max_pixels}", 413)
-            img.load()
-            rgb = img.convert("RGB")
+        rgb = open_rgb(data, formats=PIL_FORMATS, check=check)
     except RequestError:
         raise
+    except DecodeError as exc:
+        raise RequestError(exc.code, f"{name}: {exc.detail}", 422) from None
     except Image.DecompressionBombError as exc:
         raise RequestError("decompression_bomb", f"{name}: refused as a decompression bomb "
                            f"({exc})", 413) from None
@@ -88,10 +98,9 @@ def decode_upload(upload: Upload, limits: Limits, size: int,
     except Exception as exc:  # noqa: BLE001 - any decoder failure on untrusted bytes is the input's
         code = "truncated_image" if "truncat" in str(exc).lower() else "corrupt_image"
         raise RequestError(code, f"{name}: image data cannot be decoded ({exc})") from None
-    small = rgb if rgb.size == (size, size) else rgb.resize((size, size), Image.Resampling.BILINEAR)
     display = None
     if display_max is not None:
         display = rgb.copy()
         display.thumbnail((display_max, display_max), Image.Resampling.BILINEAR)
         display = np.asarray(display, dtype=np.uint8)
-    return Decoded(name, np.asarray(small, dtype=np.uint8), display)
+    return Decoded(name, resized(rgb, size), display)

@@ -3,7 +3,11 @@
 A swap loads the new package completely and runs a forward pass on it before one reference
 assignment makes it current; a batch reads that reference once, so every request is answered
 wholly by the old model or wholly by the new, and a package that fails to load never replaces
-the one being served.
+the one being served. Readiness is that state (a package loaded and test-run at load), read
+without another forward pass.
+
+Every prediction carries the package's out-of-distribution score; beyond the card's threshold
+it abstains (`abstain: true` and why), its probabilities still given.
 """
 
 from __future__ import annotations
@@ -43,11 +47,20 @@ class Served:
             raise PackageError(f"{self.uri}: forward pass gives {tuple(probs.shape)} outputs for "
                                f"{len(self.package.classes)} classes (or non-finite values)")
 
-    def prediction(self, probs: np.ndarray) -> dict:
+    def prediction(self, probs: np.ndarray, score: float | None = None) -> dict:
         classes = self.package.classes
+        threshold = self.package.ood_threshold
+        abstain = threshold is not None and score is not None and not score <= threshold
+        reason = None
+        if abstain:
+            quantile = self.package.card["ood"]["quantile"]
+            reason = (f"out of distribution: score {score:.4f} is above the package's threshold "
+                      f"{threshold:.4f} (the {quantile:g} quantile of its validation images' "
+                      "scores); the image is unlike the smears the model was validated on")
         return {"probabilities": {c: float(p) for c, p in zip(classes, probs)},
-                "predicted": classes[int(np.argmax(probs))], "model": self.ref(),
-                "image_size": self.package.image_size}
+                "predicted": classes[int(np.argmax(probs))], "abstain": abstain,
+                "abstain_reason": reason, "ood_score": None if score is None else float(score),
+                "model": self.ref(), "image_size": self.package.image_size}
 
     def explainable(self):
         """fedray.explain's LoadedModel of this package, built on first use."""
@@ -110,9 +123,10 @@ class Predictor:
     def predict(self, images: list[np.ndarray]) -> list[dict]:
         """One forward pass for the batch; each dict names the model that answered."""
         served = self._served
-        batch = served.package.preprocess(images)
-        probs = served.package.predict_proba(batch).float().cpu().numpy()
-        return [served.prediction(row) for row in probs]
+        probs, scores = served.package.score(served.package.preprocess(images))
+        probs = probs.float().cpu().numpy()
+        scores = [None] * len(probs) if scores is None else scores.cpu().tolist()
+        return [served.prediction(row, score) for row, score in zip(probs, scores)]
 
     def explain(self, image: np.ndarray, method: str) -> dict:
         """The prediction plus an (S, S) heatmap in [0, 1] for its predicted class."""
@@ -121,15 +135,16 @@ class Predictor:
         served = self._served
         loaded = served.explainable()
         inputs = served.package.preprocess([image])
-        probs = served.package.predict_proba(inputs).float().cpu().numpy()[0]
+        probs, scores = served.package.score(inputs)
+        probs = probs.float().cpu().numpy()[0]
+        score = None if scores is None else float(scores[0])
         target = torch.tensor([int(np.argmax(probs))])
         heat = explain(loaded.model, inputs, target, method, backbone=loaded.backbone)[0]
-        return {**served.prediction(probs), "heatmap": heat}
+        return {**served.prediction(probs, score), "heatmap": heat}
 
     def ready(self) -> dict:
-        served = self._served
-        served.check()
-        return served.ref()
+        """The served model: checked when it was loaded, so no forward pass here."""
+        return self._served.ref()
 
     def info(self) -> dict:
         served = self._served

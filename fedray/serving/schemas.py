@@ -16,6 +16,11 @@ class ModelRef(BaseModel):
 class Prediction(BaseModel):
     probabilities: dict[str, float] = Field(description="class -> probability (sums to 1)")
     predicted: str
+    abstain: bool = Field(description="true: the image lies beyond the package's "
+                          "out-of-distribution threshold; do not act on `predicted`")
+    abstain_reason: str | None = Field(None, description="why it abstains (score and threshold)")
+    ood_score: float | None = Field(None, description="distance from the validation images' "
+                                    "features (see the card's `ood`); null without calibration")
     model: ModelRef
     latency_ms: float = Field(description="time spent in the service on this request")
 
@@ -55,7 +60,7 @@ class Health(BaseModel):
 
 class Ready(BaseModel):
     status: str
-    model: ModelRef
+    model: ModelRef | None = Field(None, description="given to callers /v1 would admit")
 
 
 class ErrorBody(BaseModel):
