@@ -6,12 +6,18 @@ for `model.freeze` (last stage + head trainable). Private and plain steps are ti
 alternation, `--repeats` times, and the median ratio is reported, so a machine whose speed
 drifts affects both sides alike. Writes benchmarks/results/dp_overhead.json.
 
+The `patient` rows time patient-level DP-SGD (privacy.unit: patient, fedray/privacy/units.py):
+per-record gradients by Opacus' hooks, summed per patient of `--images-per-patient` images,
+clipped per patient. Ghost clipping cannot compute a patient's summed-gradient norm, so these
+rows are to be read against `hooks` and `ghost`. `--images-per-patient 0` skips them.
+
     python benchmarks/dp_overhead.py [--backbone resnet18] [--size 64] [--batch 32] [--steps 4]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -51,6 +57,40 @@ def settings(mode: str) -> privacy.PrivacySettings:
                                    secure_mode=False, grad_sample_mode=mode)
 
 
+def patient_settings(records: int, images_per_patient: int, batches: int) -> privacy.PrivacySettings:
+    """Grouped clipping over patients of `images_per_patient` records, `batches` per epoch."""
+    return dataclasses.replace(settings("hooks"), unit="patient", grouped=True,
+                               num_units=records // images_per_patient, sample_rate=1 / batches)
+
+
+def patient_rows(args, data, loss_fn, result: dict) -> None:
+    """Patient-level DP step time against the plain step, for the whole model and frozen."""
+    records, k = len(data), args.images_per_patient
+    units = torch.arange(records) // k
+    for freeze in (False, True):
+        key = f"patient{' +freeze' if freeze else ''}"
+        model, opt = fresh(args.backbone, freeze)
+        dp_model, dp_opt = fresh(args.backbone, freeze)
+        private = privacy.make_private(
+            dp_model, dp_opt, DataLoader(data, batch_size=args.batch),
+            patient_settings(records, k, args.steps + 1), loss_fn, unit_ids=units)
+        plains, privates = [], []
+        for _ in range(args.repeats):
+            plains.append(step_time(model, opt, DataLoader(data, batch_size=args.batch), loss_fn,
+                                    args.steps))
+            privates.append(step_time(private.model, private.optimizer, private.loader, loss_fn,
+                                      args.steps))
+        ratios = sorted(p / q for p, q in zip(privates, plains))
+        entry = {"freeze": freeze, "mode": "patient (hooks, grouped)", "images_per_patient": k,
+                 "plain_step_s": statistics.median(plains),
+                 "dp_step_s": statistics.median(privates),
+                 "overhead": statistics.median(ratios), "overhead_runs": ratios}
+        result["variants"][key] = entry
+        print(f"{key:18s} plain {entry['plain_step_s'] * 1000:6.0f} ms  DP "
+              f"{entry['dp_step_s'] * 1000:6.0f} ms  overhead {entry['overhead']:.2f}x "
+              f"(runs {', '.join(f'{r:.2f}' for r in ratios)})", flush=True)
+
+
 def fresh(backbone: str, freeze: bool):
     torch.manual_seed(0)
     model = build_model(backbone, dp_safe=True, freeze=freeze)
@@ -66,6 +106,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--images-per-patient", type=int, default=4)
     parser.add_argument("--output", type=Path, default=RESULTS / "dp_overhead.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -104,6 +145,8 @@ def main() -> None:
             print(f"{key:18s} plain {entry['plain_step_s'] * 1000:6.0f} ms  DP "
                   f"{entry['dp_step_s'] * 1000:6.0f} ms  overhead {entry['overhead']:.2f}x "
                   f"(runs {', '.join(f'{r:.2f}' for r in ratios)})", flush=True)
+    if args.images_per_patient:
+        patient_rows(args, data, loss_fn, result)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2))
 
