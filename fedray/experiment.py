@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedray.config import ConfigError, ExperimentConfig, load_config
@@ -19,6 +19,8 @@ from fedray.metrics import format_table
 # Where a run given shards made elsewhere (a sweep's, cross-validation's) records their counts;
 # a run that makes its own keeps them in data/shards.json.
 SHARDS_USED = "shards_used.json"
+# Where each run records how long it took to reach its first round, and why.
+STARTUP = "startup.json"
 
 
 @dataclass
@@ -27,6 +29,7 @@ class RunResult:
     final: dict
     history: list[dict]
     seconds: float
+    startup: dict = field(default_factory=dict)
 
 
 def new_run_dir(config: ExperimentConfig, output_dir: Path | None = None) -> Path:
@@ -92,6 +95,25 @@ def progress_line(record: dict, rounds: int) -> str:
     return " | ".join(parts)
 
 
+def startup_line(startup: dict) -> str:
+    """One line: how long the run took to reach its first round, and where the time went."""
+    parts = [f"start-up: first round after {startup['to_first_round_s']:.1f}s"]
+    if startup.get("process_to_first_round_s") is not None:
+        parts[0] += f" ({startup['process_to_first_round_s']:.1f}s since the process started)"
+    parts.append(f"data {startup['data_s']:.1f}s, Ray {startup['ray_s']:.1f}s")
+    hospitals = startup.get("hospitals") or {}
+    if hospitals:
+        name, slow = max(hospitals.items(), key=lambda kv: kv[1]["ready_s"])
+        parts.append(f"hospitals ready {slow['ready_s']:.1f}s after launch (slowest {name}: "
+                     f"{slow['to_init_s']:.1f}s to start and import, {slow['init_s']:.1f}s "
+                     "to load its shard and model)")
+    coordinator = startup.get("coordinator")
+    if coordinator:
+        parts.append(f"coordinator in the {startup['coordinator_in']}, built in "
+                     f"{coordinator['build_s']:.1f}s")
+    return "; ".join(parts)
+
+
 def run(config: ExperimentConfig, *, output_dir: Path | None = None, resume: Path | None = None,
         log: Callable[[str], None] = print,
         on_round: Callable[[dict], None] | None = None,
@@ -103,8 +125,6 @@ def run(config: ExperimentConfig, *, output_dir: Path | None = None, resume: Pat
     sweeps); the run folder records their counts.
     `on_start` learns the run folder before the first round (a sweep's trial reports it).
     """
-    import ray
-
     from fedray import runtime
 
     start = time.perf_counter()
@@ -113,29 +133,42 @@ def run(config: ExperimentConfig, *, output_dir: Path | None = None, resume: Pat
     log(f"run folder: {run_dir}")
     if on_start:
         on_start(run_dir)
+    data_start = time.perf_counter()
     if shards is None:
         shards = prepare_data(config, run_dir, log)
     else:
         record_shards(shards, run_dir)
+    ray_start = time.perf_counter()
     runtime.init_ray(config.runtime)
+    launched = time.perf_counter()
     coordinator = runtime.launch_coordinator(config, run_dir, shards, resume=resume is not None)
     try:
-        first = runtime.call(coordinator.start_round)
+        first = coordinator.start_round()
+        process = runtime.process_started()
+        startup = {
+            "to_first_round_s": time.perf_counter() - start,
+            "process_to_first_round_s": time.time() - process if process else None,
+            "data_s": ray_start - data_start, "ray_s": launched - ray_start,
+            "launch_to_first_round_s": time.perf_counter() - launched,
+            "coordinator_in": coordinator.where, **coordinator.startup()}
+        (run_dir / STARTUP).write_text(json.dumps(startup, indent=2))
+        log(startup_line(startup))
         if resume:
             log(f"resuming after round {first}")
         while True:
-            record = runtime.call(coordinator.run_round)
+            record = coordinator.run_round()
             if record is None:
                 break
             log(progress_line(record, config.federation.rounds))
             if on_round:
                 on_round(record)
-        final = runtime.call(coordinator.finish)
+        final = coordinator.finish()
     finally:
-        ray.kill(coordinator)
+        coordinator.close()
     history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     seconds = time.perf_counter() - start
-    log(f"finished: {final['stop_reason']}; best round {final['best_round']}; {seconds:.1f}s")
+    log(f"finished: {final['stop_reason']}; best round {final['best_round']}; {seconds:.1f}s, "
+        f"{startup['to_first_round_s']:.1f}s of it to the first round")
     log(format_table({k: final[k] for k in ("val", "test") if k in final}))
-    return RunResult(run_dir, final, history, seconds)
+    return RunResult(run_dir, final, history, seconds, startup)
 

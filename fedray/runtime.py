@@ -18,7 +18,6 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from fedray.client import HospitalClient
 from fedray.config import ExperimentConfig, RuntimeConfig
-from fedray.coordinator import Coordinator
 from fedray.data.shards import ShardSet
 from fedray.messages import Failure, FitIns, FitRes
 from fedray.privacy.errors import PrivacyBudgetExhausted
@@ -212,14 +211,45 @@ def live_nodes() -> list[dict[str, float]]:
     return [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
 
 
+def process_started() -> float | None:
+    """When this process started (wall clock), or None where that cannot be read."""
+    try:
+        import psutil  # Ray ships it
+
+        return psutil.Process().create_time()
+    except Exception:  # noqa: BLE001 - a start-up figure is never worth a failure
+        return None
+
+
+def startup_times(launched: float, times: dict[str, float | None]) -> dict[str, float | bool]:
+    """Seconds of one actor's start-up from the wall-clock stamps it recorded.
+
+    `to_init_s`: from its launch (the .remote() call) to its __init__ running: a worker
+    process started or taken from the idle pool, fedray imported, the arguments unpickled.
+    `init_s`: its own __init__ (shard decoding, model build). `ready_s`: the two together.
+    `prestarted`: the worker process existed before the launch (Ray's idle pool).
+    """
+    begun, ready, process = times["init_start"], times["ready"], times.get("process_start")
+    return {"to_init_s": max(0.0, begun - launched), "init_s": ready - begun,
+            "ready_s": max(0.0, ready - launched),
+            "prestarted": process is not None and process < launched}
+
+
 class HospitalActor(HospitalClient):
-    """A hospital as a Ray actor: the same class, and `info` also says which node it is on."""
+    """A hospital as a Ray actor: the same class, and `info` also says which node it is on
+    and when it started."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        begun = time.time()
+        super().__init__(*args, **kwargs)
+        self.started = {"process_start": process_started(), "init_start": begun,
+                        "ready": time.time()}
 
     def info(self) -> dict:
         context = ray.get_runtime_context()
         return {**super().info(), "node_id": context.get_node_id(),
                 "placement_group": context.get_placement_group_id(),
-                "assigned": context.get_assigned_resources()}
+                "assigned": context.get_assigned_resources(), "started": self.started}
 
 
 class RayPool:
@@ -243,6 +273,7 @@ class RayPool:
                 raise StartupError("hospitals that no node of the cluster can host:\n  "
                                    + "\n  ".join(problems.values()))
         remote = ray.remote(HospitalActor)
+        self.launched = time.time()
         self.actors = {
             name: remote.options(
                 name=None, max_restarts=rt.max_restarts, max_task_retries=0,
@@ -283,10 +314,19 @@ class RayPool:
                         + " (no node with those resources free, or still loading its shard)"
                     ) from None
         except StartupError:
-            for actor in self.actors.values():
-                ray.kill(actor, no_restart=True)
+            self.kill()
             raise
         return self.info
+
+    def startup(self) -> dict[str, dict[str, float | bool]]:
+        """Each ready hospital's start-up seconds (see `startup_times`)."""
+        return {name: startup_times(self.launched, info["started"])
+                for name, info in sorted(self.info.items()) if "started" in info}
+
+    def kill(self) -> None:
+        """End every hospital actor now (no restart)."""
+        for actor in self.actors.values():
+            ray.kill(actor, no_restart=True)
 
     def _reachable(self, names: list[str], wait_s: float) -> tuple[list[str], list[Failure]]:
         """Hospitals that answer a ping (all pinged at once); one that Ray is still restarting
@@ -340,27 +380,56 @@ class RayPool:
                                     f"hospital {pending[future]} missed the {timeout_s:.0f}s deadline"))
         return results, failures
 
-    def restore(self, round_number: int) -> None:
-        ray.get([a.restore.remote(round_number) for a in self.actors.values()])
+    def restore(self, round_number: int) -> list[dict]:
+        return ray.get([a.restore.remote(round_number) for a in self.actors.values()])
+
+    def ledgers(self) -> dict[str, dict | None]:
+        """Each hospital's ledger as it stands; waits for a late fit still spending budget."""
+        names, _ = self._reachable(list(self.actors), self.restart_wait_s)  # a restart, too
+        return dict(zip(names, ray.get([self.actors[n].privacy_ledger.remote() for n in names])))
 
     def save_local_models(self) -> None:
         ray.get([a.save_local_model.remote() for a in self.actors.values()])
 
 
 class CoordinatorHost:
-    """What the coordinator actor runs: it builds the hospital pool inside the actor."""
+    """What runs the coordinator, in its own actor or in the driver: it builds the global
+    model and decodes the evaluation shards while the hospitals start, then waits for them.
+
+    `fedray.coordinator` (scikit-learn's metrics with it) is imported here, not at the top of
+    this module, so hospital actors, which import this module for their class, never load it.
+    """
 
     def __init__(self, config: ExperimentConfig, run_dir: str, shard_root: str, pool: RayPool,
-                 resume: bool, num_threads: int | None) -> None:
-        shards = ShardSet.load(Path(shard_root))
+                 resume: bool, num_threads: int | None, launched: float | None = None) -> None:
+        begun = time.time()
+        from fedray.coordinator import Coordinator
+
         self.pool = pool
+        try:
+            shards = ShardSet.load(Path(shard_root))
+            self.coordinator = Coordinator(config, Path(run_dir), self.pool, shards,
+                                           num_threads=num_threads)
+        except BaseException:
+            self.pool.kill()
+            raise
+        built = time.time()
         self.pool.wait_ready()
-        self.coordinator = Coordinator(config, Path(run_dir), self.pool, shards,
-                                       num_threads=num_threads)
         self.resumed_from = self.coordinator.resume() if resume else 0
+        self.started = {"process_start": process_started(), "init_start": begun, "built": built,
+                        "ready": time.time(), "launched": launched if launched else begun}
 
     def hospitals(self) -> dict[str, dict]:
         return self.pool.info
+
+    def startup(self) -> dict:
+        """Start-up seconds of the coordinator (`build_s`: its imports, global model and
+        evaluation shards) and of each hospital, from their launches (see `startup_times`)."""
+        t = self.started
+        own = startup_times(t["launched"], {**t, "ready": t["built"]})
+        own["build_s"] = own.pop("init_s")
+        own["ready_s"] = max(0.0, t["ready"] - t["launched"])  # hospitals waited for too
+        return {"coordinator": own, "hospitals": self.pool.startup()}
 
     def start_round(self) -> int:
         return self.coordinator.round
@@ -372,11 +441,83 @@ class CoordinatorHost:
         return self.coordinator.finish()
 
 
-def launch_coordinator(config: ExperimentConfig, run_dir: Path, shards: ShardSet,
-                       resume: bool = False) -> ray.actor.ActorHandle:
-    """The hospital actors and the coordinator actor, all starting at once.
+class CoordinatorActor:
+    """The coordinator in an actor of its own: on a cluster, inside a Tune trial, or when it
+    asks for resources (runtime.coordinator_num_cpus / _gpus)."""
 
-    The coordinator's CPUs are logical only: it evaluates while the hospitals are idle. Inside
+    where = "actor"
+
+    def __init__(self, handle: ray.actor.ActorHandle) -> None:
+        self.handle = handle
+
+    def start_round(self) -> int:
+        return call(self.handle.start_round)
+
+    def run_round(self) -> dict | None:
+        return call(self.handle.run_round)
+
+    def finish(self) -> dict:
+        return call(self.handle.finish)
+
+    def startup(self) -> dict:
+        return call(self.handle.startup)
+
+    def close(self) -> None:
+        ray.kill(self.handle)
+
+
+class DriverCoordinator:
+    """The coordinator in the driver's own process (a local Ray): one Python process fewer to
+    start and import on a machine the hospitals already share. Hospitals stay actors."""
+
+    where = "driver"
+
+    def __init__(self, host: CoordinatorHost, threads_before: int) -> None:
+        self.host = host
+        self.threads_before = threads_before
+
+    def start_round(self) -> int:
+        return self.host.start_round()
+
+    def run_round(self) -> dict | None:
+        return self.host.run_round()
+
+    def finish(self) -> dict:
+        return self.host.finish()
+
+    def startup(self) -> dict:
+        return self.host.startup()
+
+    def close(self) -> None:
+        import torch
+
+        self.host.pool.kill()
+        torch.set_num_threads(self.threads_before)  # the coordinator set the driver's
+
+
+def coordinator_in_driver(rt: RuntimeConfig) -> bool:
+    """Whether this run hosts its coordinator in the driver: a local Ray (no runtime.address,
+    no RAY_ADDRESS), not inside a Tune trial's placement group, no resources asked for the
+    coordinator, and no GPU visible to the driver (a coordinator actor without GPUs evaluates
+    on the CPU; so does this one)."""
+    if rt.address or os.environ.get("RAY_ADDRESS"):
+        return False
+    if ray.is_initialized() and get_current_placement_group() is not None:
+        return False
+    if rt.coordinator_num_cpus or rt.coordinator_num_gpus:
+        return False
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+def launch_coordinator(config: ExperimentConfig, run_dir: Path, shards: ShardSet,
+                       resume: bool = False) -> CoordinatorActor | DriverCoordinator:
+    """The hospital actors and the coordinator, all starting at once.
+
+    A local run keeps the coordinator in the driver (`coordinator_in_driver`), which builds it
+    while the hospital actors start and returns once they are ready. Otherwise the coordinator
+    is an actor; its CPUs are logical only: it evaluates while the hospitals are idle. Inside
     a trial's placement group it takes bundle 0 and threads for the trial's CPUs, not the
     cluster's.
     """
@@ -392,9 +533,20 @@ def launch_coordinator(config: ExperimentConfig, run_dir: Path, shards: ShardSet
     else:
         options = {"num_cpus": rt.coordinator_num_cpus, "num_gpus": rt.coordinator_num_gpus}
         cpus = ray.cluster_resources().get("CPU", os.cpu_count() or 1)
-    remote = ray.remote(CoordinatorHost).options(max_restarts=0, **options)
     threads = max(1, int(cpus))
-    return remote.remote(config, str(run_dir), str(shards.root), pool, resume, threads)
+    if coordinator_in_driver(rt):
+        import torch
+
+        before = torch.get_num_threads()
+        try:
+            host = CoordinatorHost(config, str(run_dir), str(shards.root), pool, resume, threads)
+        except BaseException:
+            torch.set_num_threads(before)
+            raise
+        return DriverCoordinator(host, before)
+    remote = ray.remote(CoordinatorHost).options(max_restarts=0, **options)
+    return CoordinatorActor(remote.remote(config, str(run_dir), str(shards.root), pool, resume,
+                                          threads, time.time()))
 
 
 def call(handle_method, *args, timeout: float | None = None):

@@ -1,0 +1,97 @@
+"""Start-up: what each process imports, where the coordinator runs, and the start-up record."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fedray import runtime
+from fedray.config import load_config
+
+from conftest import tiny_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# What a hospital actor (it imports fedray.runtime for its class), `fedray train`'s command
+# line and fedray.models load; one fresh interpreter answers all three.
+PROBE = """
+import json, sys
+from fedray import cli
+cli.build_parser(["train", "--config", "x.yaml"])
+after_cli = set(sys.modules)
+import fedray.models
+after_models = set(sys.modules)
+import fedray.runtime
+after_runtime = set(sys.modules)
+print(json.dumps({"cli": sorted(after_cli), "models": sorted(after_models),
+                  "runtime": sorted(after_runtime)}))
+"""
+
+
+@pytest.fixture(scope="module")
+def imported() -> dict[str, set[str]]:
+    out = subprocess.run([sys.executable, "-c", PROBE], cwd=ROOT, capture_output=True,
+                         text=True, check=True).stdout
+    return {k: set(v) for k, v in json.loads(out.strip().splitlines()[-1]).items()}
+
+
+def test_train_command_line_leaves_other_commands_unimported(imported) -> None:
+    assert not {"fedray.tune", "fedray.serving", "fedray.submit", "fedray.package",
+                "fedray.report", "fedray.explain", "numpy"} & imported["cli"]
+
+
+def test_models_registry_does_not_import_torchvision(imported) -> None:
+    assert "torchvision" not in imported["models"]
+
+
+def test_hospital_actor_module_loads_no_coordinator_dp_or_report_code(imported) -> None:
+    heavy = {"fedray.coordinator", "fedray.metrics", "sklearn", "opacus", "captum",
+             "matplotlib", "fedray.report", "fedray.explain", "ray.tune", "ray.serve"}
+    assert not heavy & imported["runtime"]
+
+
+def test_full_parser_still_lists_every_command() -> None:
+    from fedray import cli
+
+    choices = cli.build_parser()._subparsers._group_actions[0].choices
+    assert {"train", "tune", "serve", "submit", "export"} <= set(choices)
+
+
+def test_startup_times_split_launch_to_ready() -> None:
+    times = runtime.startup_times(100.0, {"process_start": 90.0, "init_start": 104.0,
+                                          "ready": 106.5})
+    assert times == {"to_init_s": 4.0, "init_s": 2.5, "ready_s": 6.5, "prestarted": True}
+    fresh = runtime.startup_times(100.0, {"process_start": 101.0, "init_start": 103.0,
+                                          "ready": 104.0})
+    assert fresh["prestarted"] is False and fresh["ready_s"] == 4.0
+
+
+def test_coordinator_stays_an_actor_on_a_cluster_or_with_resources(monkeypatch) -> None:
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    local = load_config(None, []).runtime
+    assert not runtime.coordinator_in_driver(load_config(None, ["runtime.address=ray://h:10001"]).runtime)
+    assert not runtime.coordinator_in_driver(load_config(None, ["runtime.coordinator_num_cpus=1"]).runtime)
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    assert not runtime.coordinator_in_driver(local)
+    monkeypatch.delenv("RAY_ADDRESS")
+    import torch
+
+    assert runtime.coordinator_in_driver(local) is (not torch.cuda.is_available())
+
+
+@pytest.mark.ray
+def test_run_records_its_startup(ray_session, tmp_path: Path) -> None:
+    from fedray import experiment
+
+    lines: list[str] = []
+    result = experiment.run(tiny_config(tmp_path), log=lines.append)
+    startup = json.loads((result.run_dir / experiment.STARTUP).read_text())
+    assert startup == result.startup
+    assert set(startup["hospitals"]) == {"hospital_a", "hospital_b"}
+    assert startup["to_first_round_s"] <= result.seconds
+    assert all(h["ready_s"] >= h["init_s"] > 0 for h in startup["hospitals"].values())
+    assert startup["coordinator_in"] in ("driver", "actor")
+    assert any(line.startswith("start-up: first round after") for line in lines)
+    assert "to the first round" in next(x for x in lines if x.startswith("finished:"))
