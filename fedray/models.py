@@ -14,16 +14,18 @@ import importlib
 import math
 import re
 import sys
+from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-import torchvision
 from torch import Tensor, nn
-from torchvision.models import densenet, efficientnet, inception, mobilenetv3, resnet
+
+# torchvision (its model zoo, and the torch._dynamo it pulls in) is imported by the functions
+# that need it: a torchvision entry of BACKBONES reads its weights file name on first access,
+# _construct builds the model, make_dp_safe swaps in the DP-safe blocks.
 
 __all__ = [
     "BACKBONES",
@@ -78,7 +80,9 @@ def _weights_source(source: str, arch: str) -> tuple[str | None, str | None]:
     instead of guessed; they change between library versions.
     """
     if source == "torchvision":
-        return torchvision.models.get_model_weights(arch).DEFAULT.url, None
+        from torchvision.models import get_model_weights
+
+        return get_model_weights(arch).DEFAULT.url, None
     timm = _timm() if source == "timm" else None
     if timm is not None:
         cfg = timm.models.get_pretrained_cfg(arch)
@@ -99,31 +103,63 @@ def _spec(
     min_input_size: int = 32,
 ) -> BackboneSpec:
     """A registry entry, with the weights file name derived from the library's own url."""
-    arch = arch or name
-    # timm is imported only when a timm backbone is used (see _lookup): it costs every
-    # hospital process half a second of start-up otherwise.
-    url, hf_hub_id = _weights_source(source, arch) if source != "timm" else (None, None)
+    # The weights file is not known yet: torchvision's is read when the entry is first looked
+    # up (_Registry), timm's when a timm backbone is used (_lookup); importing either library
+    # here would cost every process that imports this module seconds of start-up.
     return BackboneSpec(
         name=name,
         input_size=input_size,
         min_input_size=min_input_size,
         target_layer=target_layer,
-        weights_file=url.rsplit("/", 1)[-1] if url else None,
+        weights_file=None,
         source=source,
-        arch=arch,
+        arch=arch or name,
         head=head,
         trainable=trainable,
-        weights_url=url,
-        hf_hub_id=hf_hub_id,
     )
+
+
+class _Registry(MutableMapping[str, BackboneSpec]):
+    """Backbone specs by name. A torchvision entry gets its weights file name and url from
+    torchvision's weights enum on first access, which is when torchvision is imported."""
+
+    def __init__(self, specs: list[BackboneSpec]) -> None:
+        self._specs = {s.name: s for s in specs}
+        self._unread = {s.name for s in specs if s.source == "torchvision"}
+
+    def __getitem__(self, name: str) -> BackboneSpec:
+        spec = self._specs[name]
+        if name in self._unread:
+            url, hf_hub_id = _weights_source(spec.source, spec.arch)
+            spec = dataclasses.replace(spec, weights_file=url.rsplit("/", 1)[-1] if url else None,
+                                       weights_url=url, hf_hub_id=hf_hub_id)
+            self._specs[name] = spec
+            self._unread.discard(name)
+        return spec
+
+    def __setitem__(self, name: str, spec: BackboneSpec) -> None:
+        self._specs[name] = spec
+        self._unread.discard(name)
+
+    def __delitem__(self, name: str) -> None:
+        del self._specs[name]
+        self._unread.discard(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._specs)
+
+    def __len__(self) -> int:
+        return len(self._specs)
+
+    def __repr__(self) -> str:
+        return f"BACKBONES({', '.join(self._specs)})"
 
 
 _RESNET = dict(source="torchvision", target_layer="layer4", head="fc", trainable=("layer4", "fc"))
 _TORCHVISION = dict(source="torchvision", target_layer="features", head="classifier")
 
-BACKBONES: dict[str, BackboneSpec] = {
-    s.name: s
-    for s in (
+BACKBONES: MutableMapping[str, BackboneSpec] = _Registry(
+    [
         _spec("smallcnn", source="fedray", target_layer="features", head="classifier",
               trainable=("features.3", "classifier"), input_size=64, min_input_size=16),
         _spec("resnet18", **_RESNET),
@@ -145,8 +181,8 @@ BACKBONES: dict[str, BackboneSpec] = {
               trainable=tuple(f"features.{i}" for i in range(9, 13)) + ("classifier",)),
         _spec("xception", source="timm", arch="legacy_xception", target_layer="act4", head="fc",
               trainable=("block12", "conv3", "bn3", "conv4", "bn4", "fc"), input_size=299),
-    )
-}
+    ]
+)
 
 # Constructor arguments beyond weights=None: no aux branch and no input re-normalisation for
 # inception (forward must return plain logits), no checkpointing in densenet (it re-runs
@@ -228,7 +264,9 @@ def _construct(spec: BackboneSpec, pretrained: bool = False) -> nn.Module:
         # The ported weights expect inputs in [-1, 1]; transform_input maps our ImageNet-
         # normalised inputs there, as torchvision does whenever it loads those weights.
         kwargs["transform_input"] = pretrained
-    return torchvision.models.get_model(spec.arch, weights=None, **kwargs)
+    from torchvision.models import get_model
+
+    return get_model(spec.arch, weights=None, **kwargs)
 
 
 def _replace_head(model: nn.Module, attr: str, num_classes: int, dropout: float) -> None:
@@ -332,77 +370,11 @@ def _load_backbone_weights(model: nn.Module, spec: BackboneSpec, path: Path) -> 
         raise ModelError(f"{path} does not fit {spec.name!r}: {exc}") from exc
 
 
-# ---------------------------------------------------------------- DP-safe conversion
-# Opacus puts full backward hooks on every trainable module; autograd refuses an in-place
-# op on the output of such a module ("BackwardHookFunctionBackward ... modified inplace").
-# These subclasses repeat the library forward with the in-place op made out-of-place; the
-# conversion swaps an instance's class, so parameter names and state_dicts are unchanged.
-
-
-class _DPBasicBlock(resnet.BasicBlock):
-    """torchvision BasicBlock with `out + identity` instead of `out += identity`."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        identity = x if self.downsample is None else self.downsample(x)
-        return self.relu(out + identity)
-
-
-class _DPBottleneck(resnet.Bottleneck):
-    """torchvision Bottleneck with `out + identity` instead of `out += identity`."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        identity = x if self.downsample is None else self.downsample(x)
-        return self.relu(out + identity)
-
-
-class _DPMBConv(efficientnet.MBConv):
-    """EfficientNet MBConv without `result += input` (StochasticDepth is per-row, out-of-place: kept)."""
-
-    def forward(self, input: Tensor) -> Tensor:
-        result = self.block(input)
-        if self.use_res_connect:
-            result = self.stochastic_depth(result) + input
-        return result
-
-
-class _DPInvertedResidualV3(mobilenetv3.InvertedResidual):
-    """MobileNetV3 block without `result += input`."""
-
-    def forward(self, input: Tensor) -> Tensor:
-        result = self.block(input)
-        return result + input if self.use_res_connect else result
-
-
-class _DPBasicConv2d(inception.BasicConv2d):
-    """Inception conv unit without the functional `F.relu(x, inplace=True)` on the norm output."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.relu(self.bn(self.conv(x)))
-
-
-class _DPDenseNet(densenet.DenseNet):
-    """DenseNet without the functional in-place ReLU on norm5's output."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = F.adaptive_avg_pool2d(F.relu(self.features(x)), (1, 1))
-        return self.classifier(torch.flatten(out, 1))
-
-
 def _dp_class_swaps() -> dict[type, type]:
     """Library class -> DP-safe subclass; timm's only when timm is installed."""
-    swaps: dict[type, type] = {
-        resnet.BasicBlock: _DPBasicBlock,
-        resnet.Bottleneck: _DPBottleneck,
-        efficientnet.MBConv: _DPMBConv,
-        mobilenetv3.InvertedResidual: _DPInvertedResidualV3,
-        inception.BasicConv2d: _DPBasicConv2d,
-        densenet.DenseNet: _DPDenseNet,
-    }
+    from fedray import _torchvision_blocks as tv
+
+    swaps = dict(tv.SWAPS)
     if "timm" in sys.modules:  # a timm model exists only once timm has been imported
         from fedray._timm_blocks import DPXceptionBlock, XceptionBlock
 
