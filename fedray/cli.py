@@ -12,6 +12,7 @@ USER_ERRORS: tuple[type[Exception], ...] = (ValueError, FileNotFoundError)
 
 # Modules that add their own subcommand with `add_cli(subparsers)`; they import heavy
 # libraries (Ray Tune, Serve, the job client) inside their command functions, not at import.
+# A command line for one of the subcommands defined here does not import them at all.
 COMMAND_MODULES: tuple[str, ...] = (
     "fedray.submit",
     "fedray.package",
@@ -59,7 +60,14 @@ def _add_baseline_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-dir", type=Path, default=Path("runs"))
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _command_word(argv: list[str]) -> str | None:
+    """The subcommand a command line names (the top level has no options taking values)."""
+    return next((word for word in argv if not word.startswith("-")), None)
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The whole command line; given `argv` that names a subcommand defined in this module
+    (train, data, ...), the COMMAND_MODULES are left unimported."""
     parser = argparse.ArgumentParser(prog="fedray", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_data(sub)
@@ -106,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     backbones = sub.add_parser("backbones", help="list the backbone registry")
     backbones.set_defaults(func=cmd_backbones)
+    if argv is not None and _command_word(argv) in sub.choices:
+        return parser
     for module in COMMAND_MODULES:
         importlib.import_module(module).add_cli(sub)
     return parser
@@ -251,7 +261,8 @@ def cmd_backbones(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
     try:
         return args.func(args)
     except USER_ERRORS as exc:
