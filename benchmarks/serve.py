@@ -5,7 +5,9 @@ time the same as trained ones), a package is exported from a hand-made run folde
   limit        one process, no Ray or HTTP: preprocess + forward of decoded 64 px smears in
                batches of max_batch_size, torch on every core
   batched      16 concurrent HTTP clients, POST /v1/predict (raw PNG), the Serve application of
-               fedray.serving (Ingress + Model with @serve.batch)
+               fedray.serving in the topology `fedray serve` deploys on CPU (combined: one
+               Service deployment, @serve.batch in-process, no handle hop)
+  split        the same clients against the split topology (Ingress + Model deployments)
   batch route  the same application and clients, POST /v1/predict/batch with 16 images per
                request (multipart): images per second
   unbatched    the same application with max_batch_size 1: one forward pass per request
@@ -14,7 +16,7 @@ Clients (one asyncio process, keep-alive connections), proxy, Ingress and Model 
 machine's cores, so on a small machine the HTTP figures carry the clients' and the proxy's CPU
 too. Writes benchmarks/results/serve.json:
 {"models": {name: {"limit_img_s", "batched_img_s", "ratio_batched", "batch_route_img_s",
-"ratio_batch_route", ...}}, ...}.
+"ratio_batch_route", "split_batched_img_s", "ratio_split_batched", ...}}, ...}.
 
     python benchmarks/serve.py [--seconds 10] [--clients 16] [--images-per-request 16]
                                [--models resnet18 smallcnn]
@@ -136,7 +138,8 @@ def latency_ms(url: str, body: bytes, n: int) -> dict:
 
 
 def serve_throughput(package_dir: Path, bodies: list[bytes], args: argparse.Namespace,
-                     max_batch_size: int, port: int, latency: bool) -> dict:
+                     max_batch_size: int, port: int, latency: bool,
+                     topology: str = "combined") -> dict:
     from ray import serve
 
     from fedray.serving import parse_args
@@ -144,7 +147,8 @@ def serve_throughput(package_dir: Path, bodies: list[bytes], args: argparse.Name
 
     serve_args = parse_args({"package": str(package_dir), "device": "cpu",
                              "max_batch_size": max_batch_size,
-                             "batch_wait_timeout_s": args.batch_wait_timeout_s})
+                             "batch_wait_timeout_s": args.batch_wait_timeout_s,
+                             "topology": topology})
     cpus = os.cpu_count() or 1
     app = application(serve_args, model_options={
         "ray_actor_options": {"num_cpus": cpus, "num_gpus": 0},
@@ -206,12 +210,16 @@ def main() -> None:
                 batched = serve_throughput(package, bodies, args, args.max_batch_size, port,
                                            latency=True)
                 unbatched = serve_throughput(package, bodies, args, 1, port, latency=False)
+                split = serve_throughput(package, bodies, args, args.max_batch_size, port,
+                                         latency=False, topology="split")
                 row = {"limit_img_s": limit, "batched_img_s": batched["img_s"],
                        "unbatched_img_s": unbatched["img_s"],
                        "batch_route_img_s": batched["batch_route_img_s"],
                        "ratio_batched": batched["img_s"] / limit,
                        "ratio_unbatched": unbatched["img_s"] / limit,
                        "ratio_batch_route": batched["batch_route_img_s"] / limit,
+                       "split_batched_img_s": split["img_s"],
+                       "ratio_split_batched": split["img_s"] / limit,
                        "p50_ms": batched["p50_ms"], "p99_ms": batched["p99_ms"]}
                 results[f"{backbone}_{args.size}px"] = row
                 print(f"{backbone} {args.size}px: limit {limit:.0f} img/s; HTTP batched "
@@ -219,6 +227,8 @@ def main() -> None:
                       f"{row['unbatched_img_s']:.0f} img/s ({row['ratio_unbatched']:.2f}x), "
                       f"/v1/predict/batch x{args.images_per_request} "
                       f"{row['batch_route_img_s']:.0f} img/s ({row['ratio_batch_route']:.2f}x); "
+                      f"split topology {row['split_batched_img_s']:.0f} img/s "
+                      f"({row['ratio_split_batched']:.2f}x); "
                       f"one image p50 {row['p50_ms']:.1f} ms, p99 {row['p99_ms']:.1f} ms")
     finally:
         serve.shutdown()
@@ -227,7 +237,8 @@ def main() -> None:
               "workload": {k: v for k, v in vars(args).items() if k in (
                   "size", "clients", "seconds", "max_batch_size", "batch_wait_timeout_s",
                   "latency_requests", "images_per_request", "access_log")},
-              "cpus": cpus, "machine": platform.machine(), "torch": torch.__version__}
+              "cpus": cpus, "machine": platform.machine(), "torch": torch.__version__,
+              "note": "measured on a shared machine: other work ran on the same cores"}
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2))
 

@@ -541,6 +541,38 @@ def test_a_stalled_upload_or_model_gets_504_and_the_model_call_is_cancelled(smea
     assert call.cancelled
 
 
+def test_a_combined_service_checks_decodes_and_predicts_in_one_object(packages, in_process,
+                                                                     smears):
+    """topology: combined, outside Serve as Serve drives it: reconfigure loads the package, then
+    the routes run the model in-process (no handle), with the same answers and refusals."""
+    from fedray.serving.images import RequestError
+
+    service = _ingress(None, package=str(packages["a"]), device="cpu", topology="combined",
+                       max_batch_images=8)
+    package = in_process["a"]
+
+    async def scenario() -> None:
+        await service.reconfigure({})
+        await service.check_health()
+        body, content_type = _multipart(smears[:3] + [_odd_images()["noise"]])
+        answers = await service.predict_batch(_asgi_request(body, content_type))
+        for answer, data in zip(answers, smears[:3]):
+            np.testing.assert_allclose(_probs(answer, package.classes), _expected(package, data),
+                                       atol=1e-5)
+        assert answers[3]["abstain"] is True
+        assert (await service._ask(service._model.ready.remote()))["model"]["hash"] == \
+            package.model_hash
+        tiny, content_type = _multipart([_png(np.zeros((4, 4, 3), np.uint8))])
+        with pytest.raises(RequestError, match="a side under the minimum") as refused:
+            await service.predict_batch(_asgi_request(tiny, content_type))
+        assert refused.value.code == "image_too_small"
+        await service.reconfigure({"package": str(packages["b"])})  # hot swap in place
+        again = await service.predict_batch(_asgi_request(*_multipart(smears[:1])))
+        assert again[0]["model"]["hash"] == in_process["b"].model_hash
+
+    asyncio.run(scenario())
+
+
 def test_predictor_keeps_serving_when_a_swap_fails(packages, in_process, smears):
     from fedray.package import PackageError
     from fedray.serving.predictor import Predictor
@@ -940,7 +972,10 @@ def test_ingress_refuses_to_start_without_its_token(service, packages, smears, h
         time.sleep(0.5)
 
 
-def test_cli_serve_deletes_only_its_app_on_ctrl_c(service, packages, monkeypatch, http):
+def test_cli_serve_deletes_only_its_app_on_ctrl_c(service, packages, in_process, smears,
+                                                  monkeypatch, http):
+    """`fedray serve --device cpu` deploys the combined topology: one Service deployment that
+    answers as the split one does; Ctrl-C deletes only that application."""
     from ray import serve
 
     import fedray.serving
@@ -950,7 +985,10 @@ def test_cli_serve_deletes_only_its_app_on_ctrl_c(service, packages, monkeypatch
 
     def interrupted() -> None:  # stands in for the wait that Ctrl-C ends
         seen["card"] = http.get(f"{service['url']}/cli/v1/model", timeout=30).json()
+        seen["predict"] = _predict(http, f"{service['url']}/cli", smears[0])
+        seen["odd"] = _predict(http, f"{service['url']}/cli", _odd_images()["noise"])
         seen["apps"] = set(serve.status().applications)
+        seen["deployments"] = set(serve.status().applications["cli"].deployments)
         raise KeyboardInterrupt
 
     monkeypatch.setattr(fedray.serving, "wait_for_interrupt", interrupted)
@@ -960,6 +998,11 @@ def test_cli_serve_deletes_only_its_app_on_ctrl_c(service, packages, monkeypatch
                      "--route-prefix", "/cli", "--device", "cpu", "--model-cpus", "0.25"]) == 0
     assert seen["apps"] >= {"cli", "main", "secure"}
     assert seen["card"]["package"] == str(packages["a"].resolve())  # relative path made absolute
+    assert seen["deployments"] == {"Service"}
+    assert seen["predict"].status_code == 200, seen["predict"].text
+    np.testing.assert_allclose(_probs(seen["predict"].json(), in_process["a"].classes),
+                               _expected(in_process["a"], smears[0]), atol=1e-5)
+    assert seen["odd"].json()["abstain"] is True
     apps = serve.status().applications
     assert "cli" not in apps and {apps[n].status for n in ("main", "secure")} == {"RUNNING"}
 

@@ -53,6 +53,10 @@ class ServeArgs(BaseModel):
         False, description="serve /v1 without a token when auth_token_env's variable is unset "
                            "or empty, instead of refusing to start (loopback use only)")
     explain_method: ExplainMethod = "gradcam"
+    topology: Literal["split", "combined"] = Field(
+        "split", description="split: an Ingress and a Model deployment (GPU, scaling apart); "
+                             "combined: one Service deployment that checks, decodes and runs "
+                             "the model in one replica, no handle hop (fastest on CPU)")
 
 
 def parse_args(args: dict | ServeArgs) -> ServeArgs:
@@ -117,12 +121,23 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
                             "while VAR is unset or empty")
     serve.add_argument("--allow-unauthenticated", action="store_true",
                        help="with --auth-token-env: serve /v1 open when VAR is unset or empty")
+    serve.add_argument("--topology", choices=["auto", "split", "combined"], default="auto",
+                       help="combined: one deployment does HTTP and the model (fastest on CPU); "
+                            "split: Ingress + Model; auto: split with --device cuda, else "
+                            "combined")
     serve.add_argument("--name", default="fedray", help="Serve application name")
     serve.add_argument("--route-prefix", default="/", help="the application's HTTP path prefix")
     serve.add_argument("--blocking", action=argparse.BooleanOptionalAction, default=True,
                        help="keep serving until Ctrl-C, then delete the application "
                             "(--no-blocking: deploy and return)")
     serve.set_defaults(func=cmd_serve)
+
+
+def topology(args: argparse.Namespace) -> str:
+    """`--topology auto`: one combined deployment unless the model gets a GPU of its own."""
+    if args.topology != "auto":
+        return args.topology
+    return "split" if args.device == "cuda" else "combined"
 
 
 def _model_scaling(args: argparse.Namespace) -> dict:
@@ -167,7 +182,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait_timeout_s,
         "auth_token_env": args.auth_token_env,
         "allow_unauthenticated": args.allow_unauthenticated,
-        "request_timeout_s": args.request_timeout_s, "min_image_side": args.min_image_side})
+        "request_timeout_s": args.request_timeout_s, "min_image_side": args.min_image_side,
+        "topology": topology(args)})
     model_options = _model_scaling(args)
     card = verify_package(serve_args.package)  # a bad package fails here, before Ray starts
 

@@ -9,6 +9,12 @@ request_timeout_s, which a client's header can change) is only the backstop. Mod
 holds a fedray.serving.predictor.Predictor; `@serve.batch` gathers concurrent requests into
 one forward pass, and `reconfigure(user_config)` swaps packages in place.
 
+On CPU the two can be one deployment, "Service" (args.topology: combined): the Ingress holds a
+Model object in its own replica and calls it in-process, with the same batching, checks and
+hot swap, but no handle hop between replicas (a serialised call per request, which on a small
+CPU machine costs more than the model). Overload is then Serve's own 503 for the Service's
+queue (max_queued_requests), in plain text.
+
 A Model loads no package in __init__: the application always gives it a user_config (`{}` at
 least), so Serve calls reconfigure before the replica takes traffic, and that first call loads
 the package the config names (user_config.package, else args.package), or raises. A new
@@ -168,7 +174,10 @@ class Model:
                 "refused": self.predictor.refused}
 
     async def info(self) -> dict:
-        replica = serve.get_replica_context().replica_id.unique_id
+        try:
+            replica = serve.get_replica_context().replica_id.unique_id
+        except RayServeException:  # the class used outside Serve (tests, a script)
+            replica = "outside Serve"
         return {**self.predictor.info(), "replica": replica}
 
 
@@ -258,10 +267,43 @@ def _ms(start: float) -> float:
     return round((time.perf_counter() - start) * 1000.0, 3)
 
 
+class _LocalResponse:
+    """A call on the Model object in this replica, awaited and cancelled as a handle's is."""
+
+    def __init__(self, work) -> None:
+        self._task = asyncio.ensure_future(work)
+
+    def __await__(self):
+        return self._task.__await__()
+
+    def cancel(self) -> None:
+        self._task.cancel()
+
+
+class _LocalMethod:
+    def __init__(self, method) -> None:
+        self._method = method
+
+    def remote(self, *args: Any) -> _LocalResponse:
+        return _LocalResponse(self._method(*args))
+
+
+class _LocalModel:
+    """A Model object shaped as its DeploymentHandle (`handle.predict.remote(x)`)."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+
+    def __getattr__(self, name: str) -> _LocalMethod:
+        return _LocalMethod(getattr(self.model, name))
+
+
 @serve.deployment(name="Ingress")
 @serve.ingress(api)
 class Ingress:
-    def __init__(self, model: DeploymentHandle, args: dict) -> None:
+    def __init__(self, model: DeploymentHandle | None, args: dict) -> None:
+        """`model`: the Model deployment's handle, or None for a combined Service that holds
+        the model itself."""
         self._args = parse_args(args)
         self._limits = Limits(self._args.max_image_bytes, self._args.max_pixels,
                               self._args.max_batch_images, self._args.min_image_side)
@@ -273,8 +315,18 @@ class Ingress:
         if self._args.auth_token_env and self._token is None:
             logger.warning("%s is not set or empty and allow_unauthenticated is true: /v1 "
                            "endpoints are open (no bearer token)", self._args.auth_token_env)
-        self._model = model
+        self._local = None if model is not None else Model.func_or_class(args)
+        self._model = model if model is not None else _LocalModel(self._local)
         self._image_size: int | None = None
+
+    async def reconfigure(self, user_config: dict | None) -> None:
+        """A combined Service's model config (Serve calls this only where user_config is set)."""
+        if self._local is not None:
+            await self._local.reconfigure(user_config)
+
+    async def check_health(self) -> None:
+        if self._local is not None:
+            await self._local.check_health()
 
     # ---- helpers
 
@@ -425,8 +477,16 @@ class Ingress:
 
 def application(args: ServeArgs, *, model_options: dict | None = None,
                 ingress_options: dict | None = None):
-    """Ingress bound to Model for `args`; options override the deployments' defaults (a serve
-    config file's `deployments:` entries override both)."""
+    """Ingress bound to Model for `args` (or one combined "Service" with topology: combined);
+    options override the deployments' defaults (a serve config file's `deployments:` entries
+    override both). A Service takes model_options, then ingress_options."""
+    if args.topology == "combined":
+        defaults = {"max_ongoing_requests": max(64, 2 * args.max_batch_size),
+                    "max_queued_requests": 512,
+                    "ray_actor_options": {"num_cpus": 1, "num_gpus": 0}}
+        options = {**defaults, "user_config": {}, **(model_options or {}),
+                   **(ingress_options or {}), "name": "Service"}
+        return Ingress.options(**options).bind(None, args.model_dump())
     model_defaults = {
         "max_ongoing_requests": max(32, 2 * args.max_batch_size),  # room to fill a batch
         "max_queued_requests": 256,  # beyond this, callers get 503 at once instead of waiting
