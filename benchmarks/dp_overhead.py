@@ -78,8 +78,8 @@ def patient_rows(args, data, loss_fn, result: dict) -> None:
         for _ in range(args.repeats):
             plains.append(step_time(model, opt, DataLoader(data, batch_size=args.batch), loss_fn,
                                     args.steps))
-            privates.append(step_time(private.model, private.optimizer, private.loader, loss_fn,
-                                      args.steps))
+            privates.append(step_time(private.model, private.optimizer, private.loader,
+                                      private.loss_fn or loss_fn, args.steps))
         ratios = sorted(p / q for p, q in zip(privates, plains))
         entry = {"freeze": freeze, "mode": "patient (hooks, grouped)", "images_per_patient": k,
                  "plain_step_s": statistics.median(plains),

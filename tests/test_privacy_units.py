@@ -129,43 +129,47 @@ def test_secure_mode_without_torchcsprng_names_the_setting(shard_dir: Path) -> N
 
 # --- per-unit clipping ----------------------------------------------------------------------
 
-def test_per_patient_clipping_matches_per_sample_autograd() -> None:
-    """One DP step with zero noise: each patient's summed gradient clipped to C, the clipped
-    sum over the batch's patients divided by the expected number of patients."""
-    data, model = patient_data(), tiny_model()
-    clip, q = 0.05, 0.6
-    private = privacy.make_private(model, torch.optim.SGD(model.parameters(), lr=0.1),
-                                   DataLoader(data, batch_size=4), settings(5, q, 0.0, clip),
-                                   unit_ids=PATIENTS)
-    for x, y, index in private.loader:  # the first batch with two patients or more
-        oracle = tiny_model()
-        oracle.load_state_dict(model.state_dict())
-        private.optimizer.zero_grad()
-        nn.functional.cross_entropy(private.model(x), y).backward()
-        private.optimizer.step()
-        if len(set(PATIENTS[index].tolist())) >= 2:
-            break
-    got = [p.grad for p in model.parameters()]
-
-    per_patient: dict[int, list[torch.Tensor]] = {}
-    for i in range(len(index)):  # plain autograd, one record at a time
-        oracle.zero_grad()
-        nn.functional.cross_entropy(oracle(x[i:i + 1]), y[i:i + 1]).backward()
-        g = [p.grad.clone() for p in oracle.parameters()]
+def per_patient_grads(model: nn.Module, x, y, index, weight) -> dict[int, list[torch.Tensor]]:
+    """Each patient's summed gradient by plain autograd, one record at a time."""
+    out: dict[int, list[torch.Tensor]] = {}
+    for i in range(len(index)):
+        model.zero_grad()
+        nn.functional.cross_entropy(model(x[i:i + 1]), y[i:i + 1], weight=weight,
+                                    label_smoothing=0.1, reduction="sum").backward()
+        g = [p.grad.clone() for p in model.parameters()]
         patient = int(PATIENTS[index[i]])
-        per_patient[patient] = ([a + b for a, b in zip(per_patient[patient], g)]
-                                if patient in per_patient else g)
-    total = [torch.zeros_like(p) for p in oracle.parameters()]
-    norms = []
-    for g in per_patient.values():
-        norm = torch.sqrt(sum((t ** 2).sum() for t in g))
-        norms.append(float(norm))
-        factor = min(1.0, clip / (float(norm) + 1e-6))
+        out[patient] = [a + b for a, b in zip(out[patient], g)] if patient in out else g
+    return out
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_per_patient_clipping_matches_per_sample_autograd(weighted: bool) -> None:
+    """One DP step with zero noise: each patient's summed gradient clipped to C, the clipped
+    sum over the batch's patients divided by the expected number of patients. With class
+    weights a record's gradient is its own weighted loss's, whatever else is in the batch."""
+    data = patient_data()
+    weight = torch.tensor([0.5, 1.0, 3.0]) if weighted else None
+    grads = per_patient_grads(tiny_model(), *data.tensors, weight)
+    norms = sorted(float(torch.sqrt(sum((t ** 2).sum() for t in g))) for g in grads.values())
+    clip = (norms[1] + norms[2]) / 2  # two patients within the bound, three clipped
+    model = tiny_model()
+    private = privacy.make_private(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), DataLoader(data, batch_size=4),
+        settings(5, 1.0, 0.0, clip, poisson=False), nn.CrossEntropyLoss(weight=weight,
+                                                                        label_smoothing=0.1),
+        unit_ids=PATIENTS)
+    (x, y, index), = list(private.loader)  # q = 1: every patient in the one batch
+    assert sorted(index.tolist()) == list(range(len(PATIENTS)))
+    private.loss_fn(private.model(x), y).backward()
+    private.optimizer.step()
+
+    total = [torch.zeros_like(p) for p in model.parameters()]
+    for g in grads.values():
+        norm = float(torch.sqrt(sum((t ** 2).sum() for t in g)))
+        factor = min(1.0, clip / (norm + 1e-6))
         total = [t + factor * gi for t, gi in zip(total, g)]
-    assert max(norms) > clip  # clipping is active
-    expected = [t / (q * 5) for t in total]
-    for a, b in zip(got, expected):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+    for got, want in zip((p.grad for p in model.parameters()), total):
+        torch.testing.assert_close(got, want / 5, rtol=1e-4, atol=1e-7)
 
 
 def test_unit_sampler_draws_whole_units_at_the_unit_rate() -> None:

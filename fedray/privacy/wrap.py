@@ -12,6 +12,7 @@ torchcsprng's cryptographic generator, as Opacus does.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import secrets
 import warnings
@@ -40,7 +41,7 @@ class PrivateTraining:
     loader: DataLoader
     ledger: PrivacyLedger
     settings: PrivacySettings
-    loss_fn: nn.Module | None = None  # ghost clipping's two-pass loss; None: the hospital's own
+    loss_fn: nn.Module | None = None  # the loss to train with; None: the hospital's own
 
     def steps_per_round(self, local_epochs: int) -> int:
         return local_epochs * len(self.loader)
@@ -113,6 +114,30 @@ def _secure_engine(settings: PrivacySettings) -> PrivacyEngine:
         return PrivacyEngine(accountant=settings.accountant, secure_mode=settings.secure_mode)
 
 
+class PerRecordMean(nn.Module):
+    """The hospital's loss as the plain mean of its per-record losses.
+
+    A weighted mean (class weights) divides by the batch's total weight, so with per-record
+    gradients from the batch loss each record's gradient would scale with the other records'
+    labels and clipping would no longer bound one record's (or unit's) influence. Opacus' ghost
+    clipping takes per-record losses itself; the other modes get this loss.
+    """
+
+    def __init__(self, loss_fn: nn.Module) -> None:
+        super().__init__()
+        self.per_record = copy.copy(loss_fn)
+        self.per_record.reduction = "none"
+
+    def forward(self, *args, **kwargs) -> Tensor:
+        return self.per_record(*args, **kwargs).mean()
+
+
+def _per_record_mean(loss_fn: nn.Module | None) -> nn.Module | None:
+    if loss_fn is None or getattr(loss_fn, "reduction", None) != "mean":
+        return None
+    return PerRecordMean(loss_fn)
+
+
 def _unit_loader(loader: DataLoader, sampler: UnitBatchSampler) -> DataLoader:
     """The hospital's loader drawing batches from `sampler`; empty batches keep their shape."""
     first = loader.dataset[0]
@@ -132,11 +157,13 @@ def make_private(module: nn.Module, optimizer: torch.optim.Optimizer, loader: Da
 
     grad_sample_mode "ghost" (ghost clipping) also wraps `loss_fn`: its backward runs twice,
     once for per-sample norms and once for the clipped sum, and the wrapped loss must be used.
+    The other modes return `loss_fn` as a mean of per-record losses (PerRecordMean), to be
+    used instead of it.
     With `settings.grouped`, `unit_ids` (one per record of the loader's dataset) name each
     record's privacy unit and clipping is per unit (fedray.privacy.units). `hospital` and `seed`
     (the config's) are read only with reproducible_noise. Batches are Poisson-sampled at
     `settings.sample_rate`; without poisson_sampling, shuffled into as many batches as
-    `loader` has.
+    `loader` has (records) or 1 / sample_rate (grouped units).
     """
     engine = _secure_engine(settings)
     ledger = PrivacyLedger(settings.accountant)
@@ -154,7 +181,8 @@ def make_private(module: nn.Module, optimizer: torch.optim.Optimizer, loader: Da
     if settings.grouped and (unit_ids is None or len(unit_ids) != len(loader.dataset)):
         raise ValueError(f"privacy.unit {settings.unit}: one unit id per record is needed")
     units = unit_ids if settings.grouped else torch.arange(len(loader.dataset))
-    steps = settings.steps_per_epoch if settings.poisson_sampling else len(loader)
+    steps = (settings.steps_per_epoch if settings.poisson_sampling or settings.grouped
+             else len(loader))
     sampler = UnitBatchSampler(units, settings.sample_rate, steps, generator=sampling,
                                poisson=settings.poisson_sampling, before_batch=before_batch,
                                track=settings.grouped)
@@ -164,7 +192,7 @@ def make_private(module: nn.Module, optimizer: torch.optim.Optimizer, loader: Da
             raise ValueError(f"{sampler.num_units} units in the shard, settings for "
                              f"{settings.num_units}")
         model, optimizer = _make_unit_private(module, optimizer, settings, ledger, sampler, noise)
-        return PrivateTraining(model, optimizer, loader, ledger, settings)
+        return PrivateTraining(model, optimizer, loader, ledger, settings, _per_record_mean(loss_fn))
     # Sampling is this hospital's own (above); Opacus gets the loader as it must be used.
     options = dict(module=module, optimizer=optimizer, data_loader=loader,
                    noise_multiplier=settings.noise_multiplier, max_grad_norm=settings.max_grad_norm,
@@ -175,7 +203,8 @@ def make_private(module: nn.Module, optimizer: torch.optim.Optimizer, loader: Da
             raise ValueError("grad_sample_mode 'ghost' needs the hospital's loss function")
         model, optimizer, private_loss, loader = engine.make_private(criterion=loss_fn, **options)
     else:
-        (model, optimizer, loader), private_loss = engine.make_private(**options), None
+        model, optimizer, loader = engine.make_private(**options)
+        private_loss = _per_record_mean(loss_fn)
     if settings.poisson_sampling:
         model.forbid_grad_accumulation()
     return PrivateTraining(model, optimizer, loader, ledger, settings, private_loss)
