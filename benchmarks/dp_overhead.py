@@ -57,7 +57,8 @@ def settings(mode: str) -> privacy.PrivacySettings:
                                    secure_mode=False, grad_sample_mode=mode)
 
 
-def patient_settings(records: int, images_per_patient: int, batches: int) -> privacy.PrivacySettings:
+def patient_settings(records: int, images_per_patient: int,
+                     batches: int) -> privacy.PrivacySettings:
     """Grouped clipping over patients of `images_per_patient` records, `batches` per epoch."""
     return dataclasses.replace(settings("hooks"), unit="patient", grouped=True,
                                num_units=records // images_per_patient, sample_rate=1 / batches)

@@ -192,7 +192,8 @@ def make_private(module: nn.Module, optimizer: torch.optim.Optimizer, loader: Da
             raise ValueError(f"{sampler.num_units} units in the shard, settings for "
                              f"{settings.num_units}")
         model, optimizer = _make_unit_private(module, optimizer, settings, ledger, sampler, noise)
-        return PrivateTraining(model, optimizer, loader, ledger, settings, _per_record_mean(loss_fn))
+        return PrivateTraining(model, optimizer, loader, ledger, settings,
+                               _per_record_mean(loss_fn))
     # Sampling is this hospital's own (above); Opacus gets the loader as it must be used.
     options = dict(module=module, optimizer=optimizer, data_loader=loader,
                    noise_multiplier=settings.noise_multiplier, max_grad_norm=settings.max_grad_norm,
