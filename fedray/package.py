@@ -726,7 +726,8 @@ def _load(folder: Path, verify: bool, runtime: str, device: str) -> ModelPackage
                 model = torch.jit.load(str(folder / SCRIPTED), map_location=dev).eval()
         except Exception as exc:  # noqa: BLE001
             raise PackageError(f"{folder / SCRIPTED}: cannot load ({exc})") from exc
-        return ModelPackage(folder, card, model, runtime, dev, centroids=_centroids(folder, card, dev))
+        return ModelPackage(folder, card, model, runtime, dev,
+                            centroids=_centroids(folder, card, dev))
     model = _build_eager(folder, card).to(dev)
     return ModelPackage(folder, card, model, runtime, dev, _eager=model,
                         centroids=_centroids(folder, card, dev))
