@@ -2,8 +2,11 @@
 
 Two applications of serve.app:build_app run side by side on one Serve instance, deployed the
 way `serve deploy` and a RayService deploy them (the controller's declarative config path):
-  main    (/)        open, small limits so that oversized images are cheap to make
-  secure  (/secure)  bearer token from an env var, TorchScript runtime, a Model with one
+  main    (/)        the combined topology (one Service deployment, as `fedray serve`
+                     deploys on CPU), open, small limits so that oversized images are cheap
+                     to make
+  secure  (/secure)  serve/config.yaml's split topology (Ingress + Model deployments), bearer
+                     token from an env var, TorchScript runtime, a Model with one
                      slot and a queue of one, to overload on purpose, and a short
                      request_timeout_s, to time a stalled upload out
 The packages are two tiny 32 px smallcnn runs (seeds 0 and 1) exported with export_package,
@@ -121,8 +124,14 @@ def smears() -> list[bytes]:
     return table.column("image").to_pylist()
 
 
+# The combined topology's one deployment (serve/config.yaml ships the split one).
+COMBINED_DEPLOYMENTS = [{"name": "Service", "max_ongoing_requests": 64,
+                         "max_queued_requests": 512}]
+
+
 def _config(packages: dict[str, Path], model_user_config: dict | None = None) -> dict:
-    """serve/config.yaml's application three times over, with test args and small replicas."""
+    """serve/config.yaml's application twice over (combined, and split as shipped), with test
+    args and small replicas."""
     template = yaml.safe_load((REPO / "serve" / "config.yaml").read_text())["applications"][0]
 
     def app(name: str, prefix: str, args: dict, model: dict, env: dict | None = None) -> dict:
@@ -130,11 +139,12 @@ def _config(packages: dict[str, Path], model_user_config: dict | None = None) ->
                 "args": {**template["args"], "package": str(packages["a"]), "device": "cpu",
                          "auth_token_env": None, "allow_unauthenticated": False, **args},
                 "runtime_env": {"env_vars": {"PYTHONPATH": str(REPO), **(env or {})}}}
+        combined = spec["args"].get("topology") == "combined"
         deployments = []
-        for dep in template["deployments"]:
+        for dep in COMBINED_DEPLOYMENTS if combined else template["deployments"]:
             dep = {k: v for k, v in dep.items() if k != "autoscaling_config"}
             dep.update(num_replicas=1, ray_actor_options={"num_cpus": 0.25, "num_gpus": 0})
-            if dep["name"] == "Model":
+            if dep["name"] in ("Model", "Service"):  # the deployment that holds the model
                 dep.update(model)
             deployments.append(dep)
         spec["deployments"] = deployments
@@ -142,7 +152,8 @@ def _config(packages: dict[str, Path], model_user_config: dict | None = None) ->
 
     main_model = {"user_config": model_user_config} if model_user_config else {}
     return {"applications": [
-        app("main", "/", {**MAIN_LIMITS, "max_batch_size": 8}, main_model),
+        app("main", "/", {**MAIN_LIMITS, "max_batch_size": 8, "topology": "combined"},
+            main_model),
         app("secure", "/secure", {"auth_token_env": TOKEN_ENV, "runtime": "torchscript",
                                   "max_batch_size": 1, "max_batch_images": 8,
                                   "request_timeout_s": SECURE_TIMEOUT_S},
@@ -232,6 +243,7 @@ def test_config_file_is_a_serve_config_of_this_app():
     assert serve_app.build_app is build_app
     assert {d.name for d in app.deployments} == {"Ingress", "Model"}
     parsed = parse_args(app.args)
+    assert parsed.topology == "split"  # the shape the RayService (k8s/) deploys
     assert parsed.max_batch_size == 16 and parsed.auth_token_env == "FEDRAY_API_TOKEN"
     # The app's own deadline answers first (JSON 504); Serve's proxy timeout is the backstop.
     assert parsed.min_image_side == 32
@@ -962,7 +974,7 @@ def test_ingress_refuses_to_start_without_its_token(service, packages, smears, h
             app.status != "DEPLOY_FAILED":
         assert time.monotonic() < deadline, f"locked never failed: {serve.status()}"
         time.sleep(0.5)
-    ingress = app.deployments["Ingress"]
+    ingress = app.deployments["Service"]  # main's topology: the combined Service
     assert ingress.status != "HEALTHY"
     assert f"{UNSET_ENV}, which is unset or empty" in ingress.message, ingress.message
     _still_serving(http, service["url"], smears[0])
