@@ -428,6 +428,7 @@ class CoordinatorHost:
         t = self.started
         own = startup_times(t["launched"], {**t, "ready": t["built"]})
         own["build_s"] = own.pop("init_s")
+        del own["prestarted"]  # said of hospitals' workers; this may be the driver
         own["ready_s"] = max(0.0, t["ready"] - t["launched"])  # hospitals waited for too
         return {"coordinator": own, "hospitals": self.pool.startup()}
 
