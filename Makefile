@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench bench-peers clean
 
 install: $(STAMP)
 
@@ -22,6 +22,20 @@ test: install
 
 bench: install
 	$(BIN)/python benchmarks/federation.py
+
+# The peers the federation benchmark compares with, each in its own environment: Flower's
+# simulation engine pins its own Ray. Same torch/torchvision as fedray's environment.
+PEERS       ?= .venv-peers
+PEERS_STAMP := $(PEERS)/.installed-stamp
+
+$(PEERS_STAMP): benchmarks/peers/requirements.txt
+	$(PYTHON) -m venv $(PEERS)
+	$(PEERS)/bin/pip install --quiet --no-compile --disable-pip-version-check \
+		-r benchmarks/peers/requirements.txt
+	touch $(PEERS_STAMP)
+
+bench-peers: install $(PEERS_STAMP)
+	$(BIN)/python benchmarks/federation.py --peers $(PEERS)
 
 clean:
 	rm -rf runs .pytest_cache

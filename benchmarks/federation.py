@@ -1,14 +1,24 @@
-"""fedray's wall time vs a plain PyTorch process doing the same sample-steps (the compute limit).
+"""The whole `fedray train` process vs a plain PyTorch process and Flower's simulation engine.
 
-Workload: 4 hospitals x 512 synthetic 64 px images, resnet18, 1 local epoch of batch 32,
-3 rounds, every hospital every round, global evaluation on 512 images each round.
-Both sides are timed as whole jobs on a running Ray: fedray from `experiment.run` (actor
-start-up, shard decoding, rounds, final evaluation) to its return; the limit as a fresh Python
-process, from spawn to exit (imports, decoding, the same steps). `limit_compute_s` is the
-limit's time after its imports, and `ratio_compute` compares against that stricter figure.
-Writes benchmarks/results/federation.json: {"fedray_s", "limit_s", "ratio", ...}.
+Workload: 4 hospitals x ~512 synthetic 64 px images (a prepared dataset of 3072 images, split
+by image 2/3 train, 1/6 val, 1/6 test, iid partition), resnet18, 1 local epoch of batch 32,
+3 rounds, every hospital every round, the global model evaluated on the validation split
+every round and on val and test at the end.
 
-    python benchmarks/federation.py [--rounds 3] [--per-hospital 512]
+Each side is timed as a process, from spawn to exit, with the dataset already on disk:
+  fedray  `fedray train --config <workload.yaml>`, as a user runs it: it starts its own local
+          Ray, splits and shards the data, trains, evaluates and shuts Ray down. Its run
+          folder's startup.json says where the start-up went.
+  plain   one Python process, no Ray, all cores, the same sample-steps on the same shards
+          (the compute limit).
+  flower  benchmarks/peers/flower_fedavg.py on Flower's simulation engine, in its own
+          environment (`make bench-peers` builds .venv-peers); left out, and said so, without it.
+The shards of plain and Flower are built here from the same config and seed as fedray's.
+
+Writes benchmarks/results/federation.json ({"fedray_s", "limit_s", "flower_s", "ratio", ...});
+each process's output goes to benchmarks/results/federation-<side>.log.
+
+    python benchmarks/federation.py [--peers .venv-peers] [--rounds 3] [--per-hospital 512]
 """
 
 from __future__ import annotations
@@ -25,66 +35,104 @@ from pathlib import Path
 
 import fedray  # noqa: F401  (loopback Ray defaults before Ray is imported)
 
-import numpy as np
-import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
+import yaml
 from torch.utils.data import DataLoader
 
 from fedray import engine
 from fedray.config import load_config
 from fedray.data import synth
 from fedray.data.labels import CLASSES
-from fedray.data.shards import ShardDataset, ShardSet, write_shard
+from fedray.data.pipeline import build_shards, load_source
+from fedray.data.shards import ShardDataset, ShardSet
 from fedray.data.transforms import eval_preset, train_preset
 from fedray.messages import to_numpy, to_torch
 from fedray.metrics import classification_metrics
 from fedray.models import build_model
 from fedray.strategy.aggregate import weighted_average
 
-RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+FLOWER = ROOT / "benchmarks" / "peers" / "flower_fedavg.py"
 
 
-def make_shards(root: Path, hospitals: int, per_hospital: int, eval_n: int, size: int) -> ShardSet:
-    table = synth.generate(n=hospitals * per_hospital + 2 * eval_n, size=size, seed=1)
-    order = np.random.default_rng(0).permutation(table.num_rows)
-    table = table.take(pa.array(order))
-    files = {}
-    for h in range(hospitals):
-        name = f"hospital_{chr(97 + h)}"
-        write_shard(table.slice(h * per_hospital, per_hospital), root / f"{name}.parquet")
-        files[name] = f"{name}.parquet"
-    start = hospitals * per_hospital
-    write_shard(table.slice(start, eval_n), root / "val.parquet")
-    write_shard(table.slice(start + eval_n, eval_n), root / "test.parquet")
-    shards = ShardSet(root=root, hospitals=files, val="val.parquet", test="test.parquet")
-    shards.save()
-    return shards
+def write_dataset(directory: Path, n: int, size: int) -> Path:
+    """A prepared dataset (`data.source: prepared`): one manifest holding the image bytes."""
+    directory.mkdir(parents=True, exist_ok=True)
+    pq.write_table(synth.generate(n=n, size=size, seed=1), directory / "manifest.parquet")
+    return directory
 
 
-def bench_config(out: Path, hospitals: int, rounds: int, size: int, backbone: str):
-    return load_config(None, [
-        "name=bench", f"output_dir={out}", f"data.image_size={size}", f"model.backbone={backbone}",
-        "training.local_epochs=1", "training.batch_size=32", "training.eval_batch_size=128",
-        f"federation.hospitals={hospitals}", f"federation.rounds={rounds}",
-        f"federation.min_clients={hospitals}", "training.early_stopping_patience=null",
-    ])
+def write_config(path: Path, data: Path, runs: Path, args: argparse.Namespace) -> Path:
+    """The workload as the YAML file a user would write."""
+    config = {
+        "name": "bench", "seed": 0, "output_dir": str(runs),
+        "data": {"source": "prepared", "path": str(data), "image_size": args.size,
+                 "split": {"train": 0.666666, "val": 0.166667, "test": 0.166667,
+                           "group_aware": False},
+                 "partition": {"scheme": "iid"}},
+        "model": {"backbone": args.backbone},
+        "training": {"local_epochs": 1, "batch_size": 32, "eval_batch_size": 128,
+                     "early_stopping_patience": None},
+        "federation": {"hospitals": args.hospitals, "rounds": args.rounds,
+                       "min_clients": args.hospitals},
+    }
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    load_config(path)  # fails here, not in a subprocess, if the workload is not a valid config
+    return path
 
 
-def run_fedray(config, shards: ShardSet) -> dict:
-    import ray
-
-    from fedray import experiment, runtime
-
-    runtime.init_ray(config.runtime)
-    ray.get(ray.remote(lambda: 0).remote())  # cluster warm, as on a running cluster
+def timed(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> dict:
+    """Run `cmd` to its end; its wall time from spawn to exit, and when each line came."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    lines: list[tuple[float, str]] = []
     start = time.perf_counter()
-    result = experiment.run(config, shards=shards, log=lambda _: None)
+    with subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True) as proc:
+        for line in proc.stdout:
+            lines.append((time.perf_counter() - start, line.rstrip("\n")))
     wall = time.perf_counter() - start
-    fit = sum(r["timings"]["fit_s"] for r in result.history)
-    evaluate = sum(r["timings"]["evaluate_s"] for r in result.history)
-    ray.shutdown()
-    return {"fedray_s": wall, "fedray_fit_s": fit, "fedray_eval_s": evaluate,
-            "val_accuracy": result.history[-1]["val"]["accuracy"]}
+    log.write_text("".join(f"{t:8.2f}  {text}\n" for t, text in lines))
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(cmd[:3])} ... exited {proc.returncode}; see {log}")
+    return {"wall_s": wall, "lines": lines}
+
+
+def last_json(lines: list[tuple[float, str]]) -> dict:
+    """The last JSON object a process printed (its result; log lines may follow it)."""
+    return json.loads(next(text for _, text in reversed(lines) if text.startswith("{")))
+
+
+def first_line(lines: list[tuple[float, str]], prefix: str) -> tuple[float, str] | None:
+    return next(((t, text) for t, text in lines if text.startswith(prefix)), None)
+
+
+def run_fedray(config: Path, log: Path) -> dict:
+    """`fedray train` as a user runs it, from spawn to exit."""
+    script = Path(sys.executable).with_name("fedray")
+    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "fedray.cli"]
+    out = timed(cmd + ["train", "--config", str(config)], log)
+    folder = first_line(out["lines"], "run folder: ")
+    outputs = first_line(out["lines"], "outputs: ")
+    run_dir = Path(outputs[1].removeprefix("outputs: "))
+    startup = json.loads((run_dir / "startup.json").read_text())
+    history = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    final = json.loads((run_dir / "metrics.json").read_text())
+    shards = ShardSet.load(run_dir / "data")
+    return {
+        "fedray_s": out["wall_s"],
+        "fedray_to_run_folder_s": folder[0],
+        "fedray_to_first_round_s": startup["process_to_first_round_s"],
+        "fedray_rounds_s": sum(r["timings"]["fit_s"] + r["timings"]["aggregate_s"]
+                               + r["timings"]["evaluate_s"] for r in history),
+        "fedray_fit_s": sum(r["timings"]["fit_s"] for r in history),
+        "fedray_after_outputs_s": out["wall_s"] - outputs[0],
+        "fedray_startup": startup,
+        "val_accuracy": history[-1]["val"]["accuracy"],
+        "test_accuracy": final["test"]["accuracy"],
+        "shard_counts": shards.counts,
+    }
 
 
 def run_limit(config, shards: ShardSet) -> dict:
@@ -116,54 +164,96 @@ def run_limit(config, shards: ShardSet) -> dict:
         pred = engine.predict(model, DataLoader(val, batch_size=t.eval_batch_size), device)
         classification_metrics(pred.labels, pred.probs, list(CLASSES))
     pred = engine.predict(model, DataLoader(val, batch_size=t.eval_batch_size), device)
-    engine.predict(model, DataLoader(test, batch_size=t.eval_batch_size), device)
+    test_pred = engine.predict(model, DataLoader(test, batch_size=t.eval_batch_size), device)
     return {"limit_compute_s": time.perf_counter() - start,
-            "limit_val_accuracy": float((pred.probs.argmax(1) == pred.labels).mean())}
+            "limit_val_accuracy": float((pred.probs.argmax(1) == pred.labels).mean()),
+            "limit_test_accuracy": float((test_pred.probs.argmax(1) == test_pred.labels).mean())}
 
 
-def run_limit_process(args: argparse.Namespace, shards: ShardSet, runs: Path) -> dict:
+def run_limit_process(config: Path, shards: ShardSet, log: Path) -> dict:
     """The limit in a fresh interpreter, timed from spawn to exit."""
-    cmd = [sys.executable, __file__, "--limit-only", str(shards.root), "--runs", str(runs),
-           "--hospitals", str(args.hospitals), "--rounds", str(args.rounds),
-           "--size", str(args.size), "--backbone", args.backbone]
-    start = time.perf_counter()
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    return {"limit_s": time.perf_counter() - start, **json.loads(out.strip().splitlines()[-1])}
+    out = timed([sys.executable, __file__, "--limit-only", str(shards.root),
+                 "--config", str(config)], log)
+    return {"limit_s": out["wall_s"], **last_json(out["lines"])}
+
+
+def run_flower(peers: Path, shards: ShardSet, args: argparse.Namespace, log: Path) -> dict:
+    """Flower's simulation engine in its own environment, timed from spawn to exit."""
+    path = os.pathsep.join([str(ROOT), str(FLOWER.parent)])
+    out = timed([str(peers / "bin" / "python"), str(FLOWER), "--shards", str(shards.root),
+                 "--rounds", str(args.rounds), "--size", str(args.size),
+                 "--backbone", args.backbone], log, env={"PYTHONPATH": path})
+    result = last_json(out["lines"])
+    return {"flower_s": out["wall_s"], **{f"flower_{k}": v for k, v in result.items()}}
+
+
+def peers_version(peers: Path) -> str | None:
+    try:
+        return subprocess.run([str(peers / "bin" / "python"), "-c",
+                               "import flwr; print(flwr.__version__)"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hospitals", type=int, default=4)
     parser.add_argument("--per-hospital", type=int, default=512)
-    parser.add_argument("--eval", type=int, default=512)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--backbone", default="resnet18")
+    parser.add_argument("--peers", type=Path, default=ROOT / ".venv-peers",
+                        help="the environment with Flower (make bench-peers)")
     parser.add_argument("--output", type=Path, default=RESULTS / "federation.json")
     parser.add_argument("--limit-only", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--runs", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--config", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.limit_only:
-        config = bench_config(args.runs, args.hospitals, args.rounds, args.size, args.backbone)
-        print(json.dumps(run_limit(config, ShardSet.load(args.limit_only))))
+        print(json.dumps(run_limit(load_config(args.config), ShardSet.load(args.limit_only))))
         return
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    load_before = os.getloadavg()
+    flwr_version = peers_version(args.peers)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        shards = make_shards(root / "shards", args.hospitals, args.per_hospital, args.eval, args.size)
-        config = bench_config(root / "runs", args.hospitals, args.rounds, args.size, args.backbone)
-        limit = run_limit_process(args, shards, root / "runs")
-        print(f"limit (one plain PyTorch process): {limit['limit_s']:.1f}s "
-              f"({limit['limit_compute_s']:.1f}s after imports)")
-        fed = run_fedray(config, shards)
-        print(f"fedray (Ray, {args.hospitals} hospital actors + coordinator): {fed['fedray_s']:.1f}s")
-    result = {**fed, **limit, "ratio": fed["fedray_s"] / limit["limit_s"],
+        n = args.hospitals * args.per_hospital * 3 // 2  # train is 2/3 of the images
+        data = write_dataset(root / "prepared", n, args.size)
+        config_path = write_config(root / "workload.yaml", data, root / "runs", args)
+        config = load_config(config_path)
+        shards = build_shards(load_source(config.data, config.seed), config.data,
+                              args.hospitals, config.seed, root / "shards")
+        limit = run_limit_process(config_path, shards, RESULTS / "federation-plain.log")
+        print(f"plain PyTorch process: {limit['limit_s']:.1f}s "
+              f"({limit['limit_compute_s']:.1f}s after its imports)")
+        fed = run_fedray(config_path, RESULTS / "federation-fedray.log")
+        if fed["shard_counts"] != shards.counts:
+            raise RuntimeError("fedray's shards differ from the ones the peers trained on")
+        print(f"fedray train (local Ray, {args.hospitals} hospital actors): "
+              f"{fed['fedray_s']:.1f}s; first round after {fed['fedray_to_first_round_s']:.1f}s; "
+              f"rounds {fed['fedray_rounds_s']:.1f}s; exit {fed['fedray_after_outputs_s']:.1f}s "
+              "after its last line")
+        flower = None
+        if flwr_version:
+            flower = run_flower(args.peers, shards, args, RESULTS / "federation-flower.log")
+            print(f"Flower {flwr_version} simulation: {flower['flower_s']:.1f}s")
+        else:
+            print(f"Flower left out: no Flower in {args.peers} (make bench-peers builds it)")
+    result = {**fed, **limit, **(flower or {}),
+              "ratio": fed["fedray_s"] / limit["limit_s"],
               "ratio_compute": fed["fedray_s"] / limit["limit_compute_s"],
+              "flower_ratio": flower["flower_s"] / limit["limit_s"] if flower else None,
+              "fedray_vs_flower": fed["fedray_s"] / flower["flower_s"] if flower else None,
+              "flower_version": flwr_version,
               "workload": {k: v for k, v in vars(args).items() if k in (
-                  "hospitals", "per_hospital", "eval", "rounds", "size", "backbone")},
+                  "hospitals", "per_hospital", "rounds", "size", "backbone")},
+              "load_average": {"before": load_before, "after": os.getloadavg()},
               "cpus": os.cpu_count(), "machine": platform.machine(), "torch": torch.__version__}
-    print(f"ratio fedray/limit: {result['ratio']:.3f} "
-          f"(against the limit's post-import time: {result['ratio_compute']:.3f})")
-    args.output.parent.mkdir(parents=True, exist_ok=True)
+    line = f"fedray/plain {result['ratio']:.2f}"
+    if flower:
+        line += f"; Flower/plain {result['flower_ratio']:.2f}; fedray/Flower " \
+                f"{result['fedray_vs_flower']:.2f}"
+    print(line)
     args.output.write_text(json.dumps(result, indent=2))
 
 
