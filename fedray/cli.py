@@ -27,10 +27,21 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
 
     synth = dsub.add_parser("synth", help="write a synthetic smear dataset (class folders + manifest)")
     synth.add_argument("--output", type=Path, required=True)
-    synth.add_argument("--n", type=int, default=2000)
+    synth.add_argument("--n", type=int, default=2000, help="images in all (over every site)")
     synth.add_argument("--size", type=int, default=64)
     synth.add_argument("--seed", type=int, default=0)
-    synth.add_argument("--patients-per-class", type=int, default=20)
+    synth.add_argument("--patients-per-class", type=int, default=None,
+                       help="patients per class (per site with --sites; default: 20, with --sites 8)")
+    synth.add_argument("--sites", type=int, default=None, metavar="K",
+                       help="write K hospital folders site_a/ ... (Class/patient/x.png each), "
+                            "each with its own stain, scanner, class mix and patients")
+    synth.add_argument("--difficulty", type=float, default=None,
+                       help="0 = well-separated classes, 1 = calibrated hard (default: 0, with --sites 1)")
+    synth.add_argument("--label-noise", type=float, default=0.0, metavar="FRACTION",
+                       help="share of images given a random other label (needs --sites)")
+    synth.add_argument("--class-concentration", type=float, default=None,
+                       help="Dirichlet concentration of each site's class mix (needs --sites; default: 10)")
+    synth.add_argument("--workers", type=int, default=1, help="rendering processes")
     synth.set_defaults(func=cmd_data_synth)
 
     prep = dsub.add_parser("prepare", help="scan a Kaggle ALL (or class-per-folder) image folder")
@@ -124,10 +135,27 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 def cmd_data_synth(args: argparse.Namespace) -> int:
     from fedray.data import synth
 
-    table = synth.generate(n=args.n, size=args.size, seed=args.seed,
-                           patients_per_class=args.patients_per_class)
-    manifest = synth.write_folder(table, args.output)
-    print(f"wrote {table.num_rows} images and {manifest}")
+    if args.sites is None:
+        if args.label_noise or args.class_concentration is not None:
+            raise ValueError("--label-noise and --class-concentration need --sites (use --sites 1)")
+        per_class = 20 if args.patients_per_class is None else args.patients_per_class
+        difficulty = 0.0 if args.difficulty is None else args.difficulty
+        table = synth.generate(n=args.n, size=args.size, seed=args.seed, patients_per_class=per_class,
+                               difficulty=difficulty, workers=args.workers)
+        manifest = synth.write_folder(table, args.output)
+        print(f"wrote {table.num_rows} images and {manifest}")
+        return 0
+    concentration = (synth.DEFAULT_CLASS_CONCENTRATION if args.class_concentration is None
+                     else args.class_concentration)
+    table = synth.generate_sites(
+        n=args.n, size=args.size, seed=args.seed, sites=args.sites,
+        patients_per_class=8 if args.patients_per_class is None else args.patients_per_class,
+        difficulty=1.0 if args.difficulty is None else args.difficulty,
+        label_noise=args.label_noise, class_concentration=concentration, workers=args.workers)
+    *manifests, pooled = synth.write_sites(table, args.output)
+    for manifest in manifests:
+        print(f"wrote {manifest.parent}/ ({manifest.parent.name}: Class/patient/*.png)")
+    print(f"wrote {table.num_rows} images from {len(manifests)} sites; all sites: {pooled}")
     return 0
 
 

@@ -233,3 +233,193 @@ def test_shape_and_texture_are_learnable(stats_table: pa.Table) -> None:
     colour = _balanced_accuracy(images.mean(axis=(1, 2)), labels, train, test)
     assert texture > 0.75, texture
     assert texture > colour + 0.3, (texture, colour)
+
+
+# ----------------------------------------------------------------------------- difficulty & sites
+
+# Digest of the sha256 column of generate(n=48, size=32, seed=3, patients_per_class=4) as the
+# generator made it before difficulty and sites existed: difficulty 0 must stay byte-identical.
+EASY_DIGEST = "9af6a96d0b382bbaad23e30793b8b813007b8d28a240026a78b5827e4d9f4687"
+EASY_DIGEST_64 = "b892cf515ea022d09fb25e139f23b5e251130c338b60f9cfeb64a86722541841"
+
+
+def _digest(table: pa.Table) -> str:
+    return hashlib.sha256("".join(table.column("sha256").to_pylist()).encode()).hexdigest()
+
+
+def _patient_mask(table: pa.Table, test_share: float = 0.3) -> np.ndarray:
+    """Test mask holding out about ``test_share`` of each (site, class)'s patients."""
+    patients = np.array(table.column("patient").to_pylist())
+    keys = sorted(set(zip(table.column("site").to_pylist(), table.column("true_label").to_pylist(),
+                          patients)))
+    rng = np.random.default_rng(0)
+    held = set()
+    for site, label in sorted({(s, c) for s, c, _ in keys}):
+        pool = [p for s, c, p in keys if (s, c) == (site, label)]
+        if len(pool) >= 2:
+            held.update(rng.choice(pool, size=max(1, round(test_share * len(pool))), replace=False))
+    return np.isin(patients, sorted(held))
+
+
+@pytest.fixture(scope="module")
+def site_table() -> pa.Table:
+    """Three hospitals at the default difficulty, small images (generating dominates)."""
+    return synth.generate_sites(n=900, size=32, seed=0, sites=3)
+
+
+def test_difficulty_zero_reproduces_the_original_images(small_table: pa.Table) -> None:
+    assert _digest(small_table) == EASY_DIGEST
+    explicit = synth.generate(n=48, size=32, seed=3, patients_per_class=4, difficulty=0.0)
+    assert explicit.equals(small_table)
+    assert _digest(synth.generate(n=24, size=64, seed=0)) == EASY_DIGEST_64
+
+
+def test_difficulty_changes_the_blasts_only_when_asked() -> None:
+    easy = synth.generate(n=48, size=32, seed=3, patients_per_class=4)
+    hard = synth.generate(n=48, size=32, seed=3, patients_per_class=4, difficulty=1.0)
+    assert hard.schema.equals(synth.SCHEMA)
+    assert hard.column("label").to_pylist() == easy.column("label").to_pylist()
+    assert hard.column("sha256").to_pylist() != easy.column("sha256").to_pylist()
+    with pytest.raises(ValueError):
+        synth.generate(n=8, size=32, difficulty=-0.5)
+
+
+def test_blast_morphologies_overlap_and_benign_stays_apart() -> None:
+    """At difficulty 1 the subtypes' nucleus looks share ranges; at 0 they do not. Benign
+    borrows so little that its cells stay smaller than any blast's."""
+
+    def notch(label: int, difficulty: float) -> np.ndarray:
+        looks = [synth.patient_look(label, difficulty, np.random.default_rng([9, p]))
+                 for p in range(200)]
+        return np.array([np.mean(look.notch_depth) for look in looks])
+
+    pre, pro = CLASSES.index("Pre"), CLASSES.index("Pro")
+    assert notch(pre, 0.0).max() < notch(pro, 0.0).min()  # easy: disjoint
+    assert notch(pre, 1.0).max() > notch(pro, 1.0).min()  # hard: overlapping
+    early_hard = synth.patient_look(1, 1.0, np.random.default_rng([9, 1]))
+    assert early_hard != synth.patient_look(1, 0.0, np.random.default_rng([9, 1]))
+
+    benign_top = max(
+        synth.patient_look(0, 1.0, np.random.default_rng([5, p])).cell_radius[1] for p in range(200)
+    )
+    assert benign_top < min(synth._LOOKS[CLASSES[k]].cell_radius[0] for k in (1, 2, 3))
+
+
+def test_mean_colour_baseline_is_near_chance_with_sites(site_table: pa.Table) -> None:
+    """Each site's colour cast moves the mean colour, but by site, not by class: on held-out
+    patients, logistic regression on mean RGB stays at or below 0.40 balanced accuracy."""
+    test = _patient_mask(site_table)
+    features = _decode(site_table).mean(axis=(1, 2))
+    score = _balanced_accuracy(features, _labels(site_table), ~test, test)
+    assert score <= 0.40, score
+
+
+def test_site_is_visible_in_colour_while_class_is_not(site_table: pa.Table) -> None:
+    test = _patient_mask(site_table)
+    images = _decode(site_table)
+    features = np.concatenate([images.mean(axis=(1, 2)), images.std(axis=(1, 2))], axis=1)
+    sites = np.array([["site_a", "site_b", "site_c"].index(s)
+                      for s in site_table.column("site").to_pylist()])
+    site_score = _balanced_accuracy(features, sites, ~test, test)
+    class_score = _balanced_accuracy(images.mean(axis=(1, 2)), _labels(site_table), ~test, test)
+    assert site_score > 0.75, site_score  # chance is 1/3
+    assert site_score > class_score + 0.35, (site_score, class_score)
+
+
+def test_sites_differ_in_scanner_and_class_mix(site_table: pa.Table) -> None:
+    styles = [synth.site_style(0, k) for k in range(3)]
+    assert len({s.cast for s in styles}) == 3 and len({s.jpeg_quality for s in styles}) == 3
+    assert synth.site_style(0, 0, difficulty=0.0).cast == (1.0, 1.0, 1.0)
+    sites = np.array(site_table.column("site").to_pylist())
+    labels = _labels(site_table)
+    shares = np.stack([np.bincount(labels[sites == s], minlength=4) / (sites == s).sum()
+                       for s in ("site_a", "site_b", "site_c")])
+    assert np.abs(shares - shares.mean(axis=0)).max() > 0.05, shares
+
+
+def test_site_table_schema_and_disjoint_patients(site_table: pa.Table) -> None:
+    assert site_table.schema.equals(synth.SITE_SCHEMA)
+    rows = site_table.drop_columns(["image"]).to_pylist()
+    assert {r["site"] for r in rows} == {"site_a", "site_b", "site_c"}
+    assert sorted(np.unique([r["site"] for r in rows], return_counts=True)[1]) == [300] * 3
+    sites_of: dict[str, set[str]] = {}
+    for r in rows:
+        assert re.fullmatch(
+            rf"{r['site']}/{r['label']}/{r['patient']}/synth_\d{{6}}\.png", r["path"]
+        ), r["path"]
+        assert r["group"] == f"{r['label']}/{r['patient']}"
+        assert r["patient"].startswith(r["site"] + "_")
+        assert r["label"] == r["true_label"]  # no label noise unless asked
+        sites_of.setdefault(r["patient"], set()).add(r["site"])
+    assert all(len(s) == 1 for s in sites_of.values())
+    assert len(sites_of) > 3 * 4 * 5
+
+
+def test_write_sites_layout_is_read_by_the_catalog(tmp_path: Path) -> None:
+    from fedray.data import catalog
+
+    table = synth.generate_sites(n=60, size=32, seed=1, sites=2, patients_per_class=3,
+                                 label_noise=0.1)
+    written = synth.write_sites(table, tmp_path / "sites")
+    assert [p.relative_to(tmp_path / "sites").as_posix() for p in written] == [
+        "site_a/manifest.parquet", "site_b/manifest.parquet", "manifest.parquet"]
+    from fedray.data.pipeline import load_prepared
+
+    pooled = load_prepared(tmp_path / "sites")  # data.source: prepared, all sites at once
+    assert pooled.column("path").to_pylist() == table.column("path").to_pylist()
+    assert pooled.column("image").to_pylist() == table.column("image").to_pylist()
+    assert pooled.column("site").to_pylist() == table.column("site").to_pylist()
+    patients = []
+    for manifest in written[:-1]:
+        site = manifest.parent
+        files = sorted(p.relative_to(site).as_posix() for p in site.rglob("*.png"))
+        assert all(re.fullmatch(r"(Benign|Early|Pre|Pro)/[a-z_]+_\d{3}/synth_\d{6}\.png", f)
+                   for f in files)
+        cat = catalog.scan(site)
+        assert cat.layout == catalog.CLASS_FOLDERS and not cat.skipped
+        mine = pq.read_table(manifest).to_pylist()
+        by_path = {r["path"]: r for r in mine}
+        assert sorted(cat.table.column("path").to_pylist()) == sorted(by_path) == files
+        for row in cat.table.to_pylist():
+            assert row["group"] == by_path[row["path"]]["group"]
+            assert row["label"] == by_path[row["path"]]["label"]
+            assert row["sha256"] == by_path[row["path"]]["sha256"]
+        patients.append({r["patient"] for r in mine})
+    assert patients[0].isdisjoint(patients[1])
+
+
+@pytest.mark.parametrize("noise", [0.0, 0.1, 0.3])
+def test_label_noise_fraction_is_as_asked_and_recorded(noise: float) -> None:
+    table = synth.generate_sites(n=120, size=16, seed=2, sites=2, label_noise=noise)
+    label = np.array(table.column("label").to_pylist())
+    true = np.array(table.column("true_label").to_pylist())
+    sites = np.array(table.column("site").to_pylist())
+    for site in ("site_a", "site_b"):
+        flipped = (label != true)[sites == site]
+        assert flipped.sum() == round(noise * 60)
+    clean = synth.generate_sites(n=120, size=16, seed=2, sites=2)
+    same = label == true
+    # Relabelling changes only the recorded label and folder, never the pixels.
+    assert table.column("sha256").to_pylist() == clean.column("sha256").to_pylist()
+    assert (np.array(clean.column("label").to_pylist())[same] == label[same]).all()
+    with pytest.raises(ValueError):
+        synth.generate_sites(n=12, size=16, label_noise=1.5)
+
+
+def test_site_generation_is_deterministic_serial_or_parallel() -> None:
+    one = synth.generate_sites(n=24, size=16, seed=5, sites=2)
+    assert synth.generate_sites(n=24, size=16, seed=5, sites=2).equals(one)
+    assert synth.generate_sites(n=24, size=16, seed=5, sites=2, workers=2).equals(one)
+    other = synth.generate_sites(n=24, size=16, seed=6, sites=2)
+    assert set(other.column("sha256").to_pylist()).isdisjoint(one.column("sha256").to_pylist())
+
+
+def test_cli_writes_site_folders(tmp_path: Path) -> None:
+    from fedray.cli import main
+
+    out = tmp_path / "hospitals"
+    assert main(["data", "synth", "--output", str(out), "--sites", "2", "--n", "40",
+                 "--size", "16", "--label-noise", "0.1"]) == 0
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["site_a", "site_b"]
+    assert (out / "site_a" / "manifest.parquet").is_file() and (out / "manifest.parquet").is_file()
+    assert main(["data", "synth", "--output", str(tmp_path / "x"), "--label-noise", "0.1"]) == 2

@@ -18,6 +18,31 @@ to the pipeline:
 Drawing works in optical density (Beer-Lambert): three stains (nuclear azure, cytoplasmic
 basophilia, eosin) are painted as concentration maps and turned into light at the end,
 which gives realistic colour mixing and makes stain variation multiplicative.
+
+Difficulty and hospital sites. :func:`generate` with its defaults (``difficulty=0``) gives
+the original, well-separated classes, byte for byte: every strategy reaches ~0.99 there, so
+it suits smoke tests and the demo, not comparisons. :func:`generate_sites` (``fedray data
+synth --sites K``) makes data on which methods can differ:
+
+* Sites. Each hospital ``site_a``, ``site_b``, ... has its own patients (never shared), its
+  own class mix (Dirichlet, ``class_concentration`` times the class weights) and its own
+  stain protocol and scanner (:class:`SiteStyle`: stain strengths, colour cast, contrast,
+  gamma, blur, vignetting and illumination slope, sensor noise, JPEG quality). The scanner
+  acts after auto-exposure, so the mean colour tells the *site* apart, not the class.
+  :func:`write_sites` writes ``site_x/Class/patient/*.png`` per site (read by
+  :func:`fedray.data.catalog.scan`, the patient folder giving the group) and a pooled
+  manifest with a ``site`` column for ``partition.scheme: by-group``.
+* Overlapping blasts. Early, Pre and Pro are immunophenotypes, not shapes: at difficulty
+  ``d`` each blast patient's morphology is its subtype's blended toward one other subtype by
+  a share drawn in ``[0, 0.55 d]`` (:func:`patient_look`), so patients near the top are
+  ambiguous. Benign borrows at most ``0.15 d`` and stays distinct.
+* Label noise (``label_noise``): exactly that share of each site's images gets a random
+  other label; ``label`` and the class folder hold the recorded label, ``true_label`` and
+  ``patient`` the truth (the catalog sees a relabelled image as its own group).
+* ``difficulty`` runs from 0 (no overlap, every site scans alike) to 2; 1 is the default of
+  :func:`generate_sites` and is calibrated by ``benchmarks/synth_calibration.py`` (3 sites,
+  1500 images at 64 px, 30% of each site's patients held out; see
+  ``benchmarks/results/synth_calibration.json``).
 """
 
 from __future__ import annotations
@@ -27,7 +52,7 @@ import io
 import math
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -536,18 +561,24 @@ def _develop(
 
 
 def render_smear(
-    label: int, size: int, rng: np.random.Generator, style: PatientStyle
+    label: int,
+    size: int,
+    rng: np.random.Generator,
+    style: PatientStyle,
+    look: _ClassLook | None = None,
 ) -> tuple[np.ndarray, tuple[int, int, int, int]]:
     """Render one smear of class ``CLASSES[label]``: uint8 (size, size, 3) and the main cell box.
 
     The box is (x0, y0, x1, y1) in pixels, x1/y1 exclusive, around the main white cell's
-    outline; explanations are later checked against it.
+    outline; explanations are later checked against it. ``look`` overrides the class's
+    morphology (see :func:`patient_look`); by default it is the class's own.
     """
     if not 0 <= label < len(CLASSES):
         raise ValueError(f"label must be in [0, {len(CLASSES)}), got {label}")
     if size < 8:
         raise ValueError(f"size must be at least 8 px, got {size}")
-    look = _LOOKS[CLASSES[label]]
+    if look is None:
+        look = _LOOKS[CLASSES[label]]
     conc = np.zeros((3, size, size), dtype=np.float32)
     _draw_background(conc, rng, style, size)
     for _ in range(int(rng.poisson(style.rbc_density))):
@@ -629,11 +660,15 @@ def encode_png(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _render_row(args: tuple[int, int, int, int, int]) -> dict:
+def _render_row(args: tuple[int, int, int, int, int, float]) -> dict:
     """Render and encode image ``index``; a top-level function so process pools can run it."""
-    index, label, patient, size, seed = args
+    index, label, patient, size, seed, difficulty = args
+    look = None
+    if difficulty > 0.0:
+        look = patient_look(label, difficulty, np.random.default_rng([seed, 4, label, patient]),
+                            np.random.default_rng([seed, 5, index]))
     image, box = render_smear(
-        label, size, image_rng(seed, index), patient_style(seed, label, patient)
+        label, size, image_rng(seed, index), patient_style(seed, label, patient), look
     )
     data = encode_png(image)
     name = CLASSES[label]
@@ -656,26 +691,35 @@ def generate(
     patients_per_class: int = 20,
     class_weights: tuple[float, ...] | None = None,
     *,
+    difficulty: float = 0.0,
     workers: int = 1,
 ) -> pa.Table:
     """Generate ``n`` synthetic smears as a table (see ``SCHEMA``), deterministic in its args.
+
+    ``difficulty`` > 0 makes Early, Pre and Pro overlap in morphology (see the module
+    docstring); 0, the default, gives the original well-separated classes, byte for byte.
+    Site effects and label noise live in :func:`generate_sites`.
 
     ``workers`` > 1 renders in a process pool; the result is identical either way, since
     every image depends only on (seed, index, its class and its patient). The pool uses
     "forkserver" so it is safe to call from a process that already runs threads (Ray).
     """
+    difficulty = _check_difficulty(difficulty)
     jobs = [
-        (i, label, patient, size, seed)
+        (i, label, patient, size, seed, difficulty)
         for i, (label, patient) in enumerate(plan(n, seed, patients_per_class, class_weights))
     ]
+    return pa.Table.from_pylist(_run(_render_row, jobs, workers), schema=SCHEMA)
+
+
+def _run(func, jobs: list, workers: int) -> list[dict]:  # noqa: ANN001 - a picklable row maker
+    """``[func(job) for job in jobs]``, in a process pool when ``workers`` > 1."""
     if workers > 1 and len(jobs) > 1:
         with ProcessPoolExecutor(
             workers, mp_context=multiprocessing.get_context("forkserver")
         ) as pool:
-            rows = list(pool.map(_render_row, jobs, chunksize=max(1, len(jobs) // (8 * workers))))
-    else:
-        rows = [_render_row(job) for job in jobs]
-    return pa.Table.from_pylist(rows, schema=SCHEMA)
+            return list(pool.map(func, jobs, chunksize=max(1, len(jobs) // (8 * workers))))
+    return [func(job) for job in jobs]
 
 
 def write_folder(table: pa.Table, out_dir: Path) -> Path:
@@ -694,3 +738,306 @@ def write_folder(table: pa.Table, out_dir: Path) -> Path:
     manifest = out_dir / "manifest.parquet"
     pq.write_table(table.drop_columns(["image"]), manifest)
     return manifest
+
+
+# --------------------------------------------------------------------------- difficulty
+
+# At difficulty 1, the largest share of another subtype's morphology one patient's cells take
+# (drawn uniformly up to it): Early, Pre and Pro are immunophenotypes, not shapes, so their
+# looks overlap; a patient past one half looks more like the other subtype than its own.
+_BLAST_OVERLAP = 0.55
+# Benign cells borrow much less from a blast look: mature lymphocytes stay recognisable.
+_BENIGN_OVERLAP = 0.15
+# Per-image wobble of that share around the patient's own (standard deviation).
+_IMAGE_OVERLAP_JITTER = 0.08
+
+
+def _check_difficulty(difficulty: float) -> float:
+    difficulty = float(difficulty)
+    if not 0.0 <= difficulty <= 2.0:
+        raise ValueError(
+            f"difficulty must be in [0, 2] (0 = easy, 1 = default hard), got {difficulty}"
+        )
+    return difficulty
+
+
+def _blend_looks(a: _ClassLook, b: _ClassLook, weight: float) -> _ClassLook:
+    """The look ``(1 - weight) * a + weight * b``, field by field (counts rounded)."""
+    values = {}
+    for f in fields(_ClassLook):
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        if isinstance(x, tuple):
+            mixed = tuple((1.0 - weight) * u + weight * v for u, v in zip(x, y))
+            if isinstance(x[0], int):
+                mixed = tuple(int(round(v)) for v in mixed)
+            values[f.name] = mixed
+        else:
+            values[f.name] = (1.0 - weight) * x + weight * y
+    return _ClassLook(**values)
+
+
+def patient_look(
+    label: int,
+    difficulty: float,
+    patient_rng: np.random.Generator,
+    image_rng: np.random.Generator | None = None,
+) -> _ClassLook:
+    """The morphology one patient's cells are drawn from at ``difficulty`` (0 = the class's own).
+
+    A blast patient's look is its subtype's, blended toward one other blast subtype by a
+    share drawn uniformly in ``[0, 0.55 * difficulty]`` (from ``patient_rng``, so a patient
+    keeps its look), wobbled per image (``image_rng``). Benign borrows at most
+    ``0.15 * difficulty`` from a random blast look.
+    """
+    name = CLASSES[label]
+    if difficulty <= 0.0:
+        return _LOOKS[name]
+    blasts = [i for i, c in enumerate(CLASSES) if c != "Benign"]
+    other = int(patient_rng.choice([i for i in blasts if i != label]))
+    reach = (_BENIGN_OVERLAP if name == "Benign" else _BLAST_OVERLAP) * difficulty
+    weight = float(patient_rng.uniform(0.0, reach))
+    if image_rng is not None:
+        weight += float(image_rng.normal(0.0, _IMAGE_OVERLAP_JITTER * difficulty))
+    return _blend_looks(_LOOKS[name], _LOOKS[CLASSES[other]], min(max(weight, 0.0), 1.0))
+
+
+# --------------------------------------------------------------------------- sites
+
+SITE_SCHEMA = pa.schema(
+    [
+        *SCHEMA,
+        ("site", pa.string()),
+        ("patient", pa.string()),
+        ("true_label", pa.string()),
+    ]
+)
+
+# Default Dirichlet concentration of a site's class mix (alpha = concentration * class weights):
+# small values give sites dominated by one or two classes.
+DEFAULT_CLASS_CONCENTRATION = 10.0
+
+
+def site_name(site: int) -> str:
+    """``site_a``, ``site_b``, ...: the folder and ``site`` column value of site number ``site``."""
+    if not 0 <= site < 26:
+        raise ValueError(f"sites are numbered 0..25 (site_a..site_z), got {site}")
+    return "site_" + chr(ord("a") + site)
+
+
+@dataclass(frozen=True)
+class SiteStyle:
+    """Stain protocol and scanner of one hospital, applied to every image it produces.
+
+    Why: real hospitals differ in stain batches, white balance, optics and file
+    compression, and a model trained at one site pays for that at another. The protocol
+    part changes how the stains absorb (before the camera's auto-exposure); the scanner
+    part acts on the finished photo, so it shifts the mean colour by site, not by class.
+    """
+
+    name: str
+    stain_gain: tuple[float, float, float]  # multiplies each stain's strength
+    cast: tuple[float, float, float]  # per-channel gain after exposure (white balance)
+    contrast: float  # > 1 stretches, < 1 flattens around the image mean
+    gamma: float  # tone curve exponent
+    blur: float  # extra Gaussian sigma as a fraction of image size
+    vignette: float  # extra darkening towards the corners
+    gradient: tuple[float, float]  # illumination slope along x and y
+    noise: float  # extra sensor noise standard deviation (0..1 scale)
+    jpeg_quality: int | None  # lossy JPEG round trip at this quality; None = none
+
+    @classmethod
+    def sample(cls, name: str, rng: np.random.Generator, strength: float) -> SiteStyle:
+        """Draw one site; ``strength`` 0 is a neutral scanner, 1 the default spread."""
+        s = float(strength)
+        return cls(
+            name=name,
+            stain_gain=_floats(rng.lognormal(0.0, 0.12 * s, size=3)),
+            cast=_floats(rng.lognormal(0.0, 0.07 * s, size=3)),
+            contrast=float(rng.lognormal(0.0, 0.15 * s)),
+            gamma=float(rng.lognormal(0.0, 0.12 * s)),
+            blur=float(rng.uniform(0.0, 0.012 * s)),
+            vignette=float(rng.uniform(0.0, 0.3 * s)),
+            gradient=(float(rng.normal(0.0, 0.1 * s)), float(rng.normal(0.0, 0.1 * s))),
+            noise=float(rng.uniform(0.0, 0.02 * s)),
+            jpeg_quality=None if s <= 0.0 else int(round(95.0 - rng.uniform(0, 65) * min(s, 1.0))),
+        )
+
+    def protocol(self, style: PatientStyle) -> PatientStyle:
+        """The patient's style as stained with this site's protocol."""
+        return replace(style, strengths=_floats(np.asarray(style.strengths) * self.stain_gain))
+
+    def scan(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """The photo as this site's scanner delivers it: light, blur, tone, cast, noise, JPEG."""
+        size = image.shape[0]
+        rgb = image.astype(np.float32) / 255.0
+        c = (np.arange(size, dtype=np.float32) + 0.5) / size - 0.5
+        r2 = c[None, :] ** 2 + c[:, None] ** 2
+        light = 1.0 + self.gradient[0] * c[None, :] + self.gradient[1] * c[:, None]
+        rgb = rgb * (light - self.vignette * r2)[..., None]
+        sigma = self.blur * size
+        if sigma > 0.3:
+            img = Image.fromarray(np.clip(rgb * 255.0 + 0.5, 0, 255).astype(np.uint8))
+            rgb = np.asarray(img.filter(ImageFilter.GaussianBlur(sigma)), dtype=np.float32) / 255.0
+        mean = rgb.reshape(-1, 3).mean(axis=0)
+        rgb = np.clip(mean + self.contrast * (rgb - mean), 0.0, 1.0) ** np.float32(self.gamma)
+        rgb = rgb * _jitter(rng, self.cast, 0.01)
+        rgb = rgb + np.float32(self.noise) * rng.standard_normal(rgb.shape, dtype=np.float32)
+        out = np.clip(rgb * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        if self.jpeg_quality is not None:
+            buf = io.BytesIO()
+            Image.fromarray(out).save(buf, format="JPEG", quality=self.jpeg_quality)
+            out = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+        return out
+
+
+def site_style(seed: int, site: int, difficulty: float = 1.0) -> SiteStyle:
+    """The stain protocol and scanner of site number ``site``; their spread scales with
+    ``difficulty`` (0 = every site scans alike)."""
+    return SiteStyle.sample(site_name(site), np.random.default_rng([seed, 20, site]), difficulty)
+
+
+def site_class_mix(
+    seed: int,
+    site: int,
+    class_weights: tuple[float, ...] | None = None,
+    concentration: float = DEFAULT_CLASS_CONCENTRATION,
+) -> np.ndarray:
+    """Class shares of one site: Dirichlet(``concentration`` * normalised class weights)."""
+    base = np.asarray(class_weights if class_weights is not None else DEFAULT_CLASS_WEIGHTS, float)
+    class_counts(1, tuple(base))  # validates the weights
+    if not concentration > 0:
+        raise ValueError(f"class concentration must be > 0, got {concentration}")
+    base = base / base.sum()
+    if math.isinf(concentration):
+        return base
+    alpha = np.maximum(concentration * base, 1e-3)
+    mix = np.random.default_rng([seed, 21, site]).dirichlet(alpha)
+    return np.where(base > 0, mix, 0.0) / np.where(base > 0, mix, 0.0).sum()
+
+
+def _site_rows(
+    seed: int,
+    site: int,
+    n: int,
+    patients_per_class: int,
+    mix: np.ndarray,
+    label_noise: float,
+) -> list[tuple[int, int, int]]:
+    """(label, patient, recorded label) of every image of one site, in seed-fixed order.
+
+    Exactly ``round(label_noise * n)`` images get a uniformly drawn *other* label.
+    """
+    items: list[tuple[int, int]] = []
+    for label, count in enumerate(class_counts(n, tuple(float(m) for m in mix))):
+        rng = np.random.default_rng([seed, 22, site, label])
+        shares = rng.dirichlet(np.full(patients_per_class, 4.0))
+        items.extend((label, int(p)) for p in rng.choice(patients_per_class, size=count, p=shares))
+    rng = np.random.default_rng([seed, 23, site])
+    items = [items[i] for i in rng.permutation(len(items))]
+    recorded = [label for label, _ in items]
+    for i in rng.choice(len(items), size=int(round(label_noise * len(items))), replace=False):
+        recorded[i] = (items[i][0] + int(rng.integers(1, len(CLASSES)))) % len(CLASSES)
+    return [(label, patient, rec) for (label, patient), rec in zip(items, recorded)]
+
+
+def _render_site_row(args: tuple) -> dict:
+    """Render, scan and encode image ``index`` of one site (top-level, for process pools)."""
+    index, label, patient, recorded, patient_id, size, seed, site, difficulty, scanner = args
+    style = scanner.protocol(
+        PatientStyle.sample(np.random.default_rng([seed, 24, site, label, patient]))
+    )
+    look = patient_look(
+        label,
+        difficulty,
+        np.random.default_rng([seed, 25, site, label, patient]),
+        np.random.default_rng([seed, 26, site, index]),
+    )
+    image, box = render_smear(
+        label, size, np.random.default_rng([seed, 27, site, index]), style, look
+    )
+    data = encode_png(scanner.scan(image, np.random.default_rng([seed, 28, site, index])))
+    name = CLASSES[recorded]
+    return {
+        "path": f"{scanner.name}/{name}/{patient_id}/synth_{index:06d}.png",
+        "label": name,
+        "group": f"{name}/{patient_id}",
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "width": size,
+        "height": size,
+        "image": data,
+        "cell_box": list(box),
+        "site": scanner.name,
+        "patient": patient_id,
+        "true_label": CLASSES[label],
+    }
+
+
+def generate_sites(
+    n: int = 1500,
+    size: int = 64,
+    seed: int = 0,
+    sites: int = 3,
+    patients_per_class: int = 8,
+    class_weights: tuple[float, ...] | None = None,
+    *,
+    difficulty: float = 1.0,
+    label_noise: float = 0.0,
+    class_concentration: float = DEFAULT_CLASS_CONCENTRATION,
+    workers: int = 1,
+) -> pa.Table:
+    """``n`` smears from ``sites`` hospitals as one table (see ``SITE_SCHEMA``).
+
+    Sites get ``n // sites`` images each (the first ones one more when it does not divide),
+    their own patients (``patients_per_class`` per class, never shared), their own class mix
+    (:func:`site_class_mix`) and their own stain protocol and scanner (:func:`site_style`).
+    ``path`` is ``site/Class/patient/synth_i.png`` and ``group`` is ``Class/patient``, as
+    :func:`fedray.data.catalog.scan` reads a site folder; ``label`` is the recorded label,
+    ``true_label`` the class the cell was drawn from (they differ on the ``label_noise``
+    share of images). Deterministic in its arguments, serial or parallel.
+    """
+    difficulty = _check_difficulty(difficulty)
+    if not 1 <= sites <= 26:
+        raise ValueError(f"sites must be in 1..26, got {sites}")
+    if n < sites or patients_per_class < 1:
+        raise ValueError("n must be >= sites and patients_per_class >= 1")
+    if not 0.0 <= label_noise <= 1.0:
+        raise ValueError(f"label_noise must be a fraction in [0, 1], got {label_noise}")
+    jobs = []
+    for site in range(sites):
+        scanner = site_style(seed, site, difficulty)
+        mix = site_class_mix(seed, site, class_weights, class_concentration)
+        numbers = np.random.default_rng([seed, 29, site]).permutation(
+            len(CLASSES) * patients_per_class
+        )
+        n_site = n // sites + (1 if site < n % sites else 0)
+        for index, (label, patient, recorded) in enumerate(
+            _site_rows(seed, site, n_site, patients_per_class, mix, label_noise)
+        ):
+            number = numbers[label * patients_per_class + patient]
+            patient_id = f"{scanner.name}_patient_{number:03d}"
+            jobs.append(
+                (index, label, patient, recorded, patient_id, size, seed, site, difficulty, scanner)
+            )
+    return pa.Table.from_pylist(_run(_render_site_row, jobs, workers), schema=SITE_SCHEMA)
+
+
+def write_sites(table: pa.Table, out_dir: Path) -> list[Path]:
+    """Write a :func:`generate_sites` table as one folder per site, ``out_dir/site_x/``.
+
+    Each site folder holds ``Class/patient/*.png`` and its own ``manifest.parquet`` (paths
+    relative to the site folder), so ``fedray data prepare --source out_dir/site_a`` or
+    ``data.source: folder`` reads one hospital. ``out_dir/manifest.parquet`` lists all sites
+    (paths relative to ``out_dir``, with the ``site`` column), for ``data.source: prepared``
+    with ``partition.scheme: by-group``. Returns the site manifests, then the pooled one.
+    """
+    out_dir = Path(out_dir)
+    manifests = []
+    sites = table.column("site").to_pylist()
+    for name in sorted(set(sites)):
+        part = table.filter(pa.array([s == name for s in sites]))
+        rel = [p.split("/", 1)[1] for p in part.column("path").to_pylist()]
+        part = part.set_column(part.schema.get_field_index("path"), "path", pa.array(rel))
+        manifests.append(write_folder(part, out_dir / name))
+    pooled = out_dir / "manifest.parquet"
+    pq.write_table(table.drop_columns(["image"]), pooled)
+    return [*manifests, pooled]
