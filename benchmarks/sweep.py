@@ -25,7 +25,7 @@ from pathlib import Path
 import fedray  # noqa: F401  (loopback Ray defaults before Ray is imported)
 
 from fedray import experiment, runtime
-from fedray import tune as sweeps
+from fedray.experiments import tune as sweeps
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"

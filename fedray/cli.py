@@ -17,7 +17,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "fedray.submit",
     "fedray.package",
     "fedray.serving",
-    "fedray.tune",
+    "fedray.experiments.tune",
 )
 
 

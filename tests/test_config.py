@@ -18,7 +18,7 @@ def test_shipped_configs_validate(name: str) -> None:
 
 @pytest.mark.parametrize("name", [n for n in CONFIGS if n.startswith("sweep-")])
 def test_shipped_sweeps_validate(name: str) -> None:
-    from fedray.tune import load_sweep
+    from fedray.experiments.tune import load_sweep
 
     sweep = load_sweep(ROOT / "configs" / name)
     assert isinstance(sweep.base, ExperimentConfig) and sweep.config.space

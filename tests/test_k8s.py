@@ -418,9 +418,9 @@ def test_train_job_places_every_hospital(overlay):
 
 def test_tune_job_trial_fits_one_worker_pod_and_keeps_its_sweep(overlay):
     """One trial of the sweep the job runs fits one worker pod whole (the autoscaler adds pods
-    of that shape as trials wait: fedray.tune refuses only a bundle no node shape holds), and
+    of that shape as trials wait: fedray.experiments.tune refuses only a bundle no node shape holds), and
     the sweep folder is written on the runs volume, which every pod mounts."""
-    from fedray import tune
+    from fedray.experiments import tune
 
     name, docs = overlay
     (job,) = [d for d in docs if d["kind"] == "RayJob" and d["metadata"]["name"] == "fedray-tune"]

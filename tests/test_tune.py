@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from fedray import cli, runtime
-from fedray import tune as sweeps
+from fedray.experiments import tune as sweeps
 from fedray.config import ConfigError
 
 from conftest import tiny_config

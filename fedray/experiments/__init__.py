@@ -1,0 +1,1 @@
+"""Experiments built on federated runs: one run, compare, cv, centralized baseline, sweeps."""
