@@ -38,13 +38,13 @@ import requests
 import torch
 
 import fedray  # noqa: F401  (loopback Ray defaults before Ray is imported)
-from fedray import checkpoint
+from fedray.artifacts import checkpoint
 from fedray.config import load_config
 from fedray.data import synth
 from fedray.data.shards import decode_image
 from fedray.messages import to_numpy
 from fedray.models import build_model
-from fedray.package import export_package, load_package
+from fedray.artifacts.package import export_package, load_package
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

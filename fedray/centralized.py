@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import ConcatDataset, DataLoader
 
-from fedray import checkpoint, engine
+from fedray import engine
+from fedray.artifacts import checkpoint
 from fedray.client import input_size
 from fedray.config import ExperimentConfig
 from fedray.data.labels import CLASSES

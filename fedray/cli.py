@@ -15,7 +15,7 @@ USER_ERRORS: tuple[type[Exception], ...] = (ValueError, FileNotFoundError)
 # A command line for one of the subcommands defined here does not import them at all.
 COMMAND_MODULES: tuple[str, ...] = (
     "fedray.submit",
-    "fedray.package",
+    "fedray.artifacts.package",
     "fedray.serving",
     "fedray.experiments.tune",
 )

@@ -15,7 +15,8 @@ from torch.utils.data import DataLoader
 
 import sys
 
-from fedray import checkpoint, engine, privacy
+from fedray import engine, privacy
+from fedray.artifacts import checkpoint
 from fedray.config import ExperimentConfig
 from fedray.faults import FaultInjector
 from fedray.data.shards import ShardDataset

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from fedray import checkpoint, engine
+from fedray import engine
+from fedray.artifacts import checkpoint
 from fedray.artifacts import atomic
 from fedray.client import HospitalClient, input_size
 from fedray.config import ExperimentConfig

@@ -7,7 +7,8 @@ from pathlib import Path
 
 from torch.utils.data import DataLoader
 
-from fedray import checkpoint, engine
+from fedray import engine
+from fedray.artifacts import checkpoint
 from fedray.client import input_size
 from fedray.config import load_config
 from fedray.data.labels import CLASSES

@@ -17,7 +17,6 @@ import contextlib
 import inspect
 import math
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +26,7 @@ from captum.attr import IntegratedGradients, LayerAttribution, LayerGradCam, Lim
 from PIL import Image
 from torch import Tensor, nn
 
+from fedray.artifacts.model import LoadedModel
 from fedray.data.labels import CLASSES
 from fedray.models import BACKBONES
 
@@ -459,17 +459,6 @@ def contact_sheet(tiles: list[np.ndarray], titles: list[str], path: Path, column
 # --------------------------------------------------------------------------- model sources
 
 
-@dataclass
-class LoadedModel:
-    """A model ready to explain, with what its inputs and outputs mean."""
-
-    model: nn.Module
-    backbone: str
-    image_size: int
-    classes: tuple[str, ...]
-    source: Path
-
-
 def _find_run_dir(source: Path) -> Path | None:
     """The run folder `source` denotes: itself, or the run above a weights file in it."""
     if source.is_dir():
@@ -484,7 +473,7 @@ def _find_run_dir(source: Path) -> Path | None:
 
 def _load_run(source: Path) -> LoadedModel:
     """Rebuild the run's architecture from config.yaml and load its weights, as evaluate does."""
-    from fedray import checkpoint
+    from fedray.artifacts import checkpoint
     from fedray.client import input_size
     from fedray.config import load_config
     from fedray.evaluate import run_weights
@@ -510,13 +499,13 @@ def _load_run(source: Path) -> LoadedModel:
 
 
 def _is_package(source: Path) -> bool:
-    from fedray.package import is_package
+    from fedray.artifacts.package import is_package
 
     return is_package(source)
 
 
 def _load_package(source: Path) -> LoadedModel:
-    from fedray.package import load_package
+    from fedray.artifacts.package import load_package
 
     return load_package(source).explainable()
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedray import checkpoint
+from fedray.artifacts import checkpoint
 from fedray.metrics import classification_metrics, format_table
 
 CLASSES = ["Benign", "Early", "Pre", "Pro"]

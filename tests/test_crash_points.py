@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedray import checkpoint
+from fedray.artifacts import checkpoint
 from fedray.faults import FaultInjected
 
 from conftest import local_coordinator

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from opacus.accountants import RDPAccountant
 
-from fedray import checkpoint
+from fedray.artifacts import checkpoint
 from fedray.messages import Failure, FitRes
 from fedray.strategy import DPFedAvg, build_strategy, strategy_params
 from fedray.strategy.aggregate import weighted_average

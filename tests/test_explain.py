@@ -15,7 +15,7 @@ from PIL import Image
 from scipy.stats import spearmanr
 from torch import nn
 
-from fedray import checkpoint
+from fedray.artifacts import checkpoint
 from fedray.config import load_config
 from fedray.data import synth
 from fedray.data.labels import CLASS_INDEX

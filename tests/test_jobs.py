@@ -428,7 +428,7 @@ def _run_job(command: str, args: list[str], monkeypatch) -> int:
 def test_export_job_packages_a_tiny_run(shard_dir, tmp_path, monkeypatch):
     from conftest import local_coordinator
 
-    from fedray.package import verify_package
+    from fedray.artifacts.package import verify_package
 
     run_dir = tmp_path / "run"
     coordinator = local_coordinator(run_dir, shard_dir)

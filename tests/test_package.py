@@ -14,7 +14,7 @@ from conftest import local_coordinator
 from fedray import cli
 from fedray.config import load_config
 from fedray.data.shards import ShardSet
-from fedray.package import (
+from fedray.artifacts.package import (
     REQUIRED_FIELDS,
     PackageError,
     _card_digest,
@@ -168,7 +168,7 @@ def test_remote_packages_and_runs_are_downloaded_then_deleted(trained_run, packa
 
     import pyarrow.fs as pafs
 
-    from fedray import package as packages
+    from fedray.artifacts import package as packages
 
     def bucket_filesystem(uri: str):  # s3://bucket/... served from a local folder
         assert uri.startswith("s3://bucket/"), uri
@@ -241,7 +241,7 @@ def _odd_images(seed: int = 0) -> dict[str, np.ndarray]:
 def test_card_states_the_ood_threshold_and_its_false_abstain_rate(package, shard_dir):
     from fedray.data.shards import ShardDataset
     from fedray.data.transforms import eval_preset
-    from fedray.package import ood_scores
+    from fedray.artifacts.package import ood_scores
 
     card = verify_package(package)
     ood = card["ood"]

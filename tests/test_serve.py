@@ -40,7 +40,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from fedray.config import ConfigError
-from fedray.package import export_package, load_package
+from fedray.artifacts.package import export_package, load_package
 from fedray.serving import parse_args
 
 REPO = Path(__file__).resolve().parents[1]
@@ -586,7 +586,7 @@ def test_a_combined_service_checks_decodes_and_predicts_in_one_object(packages, 
 
 
 def test_predictor_keeps_serving_when_a_swap_fails(packages, in_process, smears):
-    from fedray.package import PackageError
+    from fedray.artifacts.package import PackageError
     from fedray.serving.predictor import Predictor
 
     predictor = Predictor(str(packages["a"]))

@@ -38,7 +38,7 @@ def imported() -> dict[str, set[str]]:
 
 
 def test_train_command_line_leaves_other_commands_unimported(imported) -> None:
-    assert not {"fedray.experiments.tune", "fedray.serving", "fedray.submit", "fedray.package",
+    assert not {"fedray.experiments.tune", "fedray.serving", "fedray.submit", "fedray.artifacts.package",
                 "fedray.report", "fedray.explain", "numpy"} & imported["cli"]
 
 

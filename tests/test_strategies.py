@@ -8,7 +8,7 @@ import scipy.stats
 import torch
 import torchvision
 
-from fedray import checkpoint
+from fedray.artifacts import checkpoint
 from fedray.messages import FitRes
 from fedray.models import build_model
 from fedray.strategy import (FedAdagrad, FedAdam, FedAvg, FedBN, FedMedian, FedProx,

@@ -356,7 +356,7 @@ def test_the_best_trials_package_counts_the_sweeps_shards(asha_sweep, tmp_path) 
     """The trials trained on shards the sweep made once; the exported card still has the
     images per hospital and split, and they are the sweep's shards' counts."""
     from fedray.data.shards import ShardSet
-    from fedray.package import export_package, verify_package
+    from fedray.artifacts.package import export_package, verify_package
 
     result, _ = asha_sweep
     card = verify_package(export_package(result.folder, tmp_path / "pkg", formats=()))
@@ -372,7 +372,7 @@ def test_on_remote_storage_run_folders_are_uploaded_and_exported_by_uri(
     working directory, which Tune uploads, so the run folders it reports (best.json's too)
     are URIs into the storage; `fedray export` takes the sweep's URI; a trial resumed on a
     fresh working directory fetches its run folder back."""
-    from fedray.package import verify_package
+    from fedray.artifacts.package import verify_package
 
     _write_base(tmp_path)
     (tmp_path / "sweep.yaml").write_text(yaml.safe_dump({

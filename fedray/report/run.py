@@ -9,7 +9,8 @@ from pathlib import Path
 from torch import nn
 from torch.utils.data import DataLoader
 
-from fedray import checkpoint, engine
+from fedray import engine
+from fedray.artifacts import checkpoint
 from fedray.client import input_size
 from fedray.config import ExperimentConfig, load_config
 from fedray.data.shards import ShardDataset, ShardSet

@@ -56,7 +56,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fedray import __version__
 from fedray.config import format_validation_error
-from fedray.serving import EXPLAIN_METHODS, ServeArgs, auth_token, parse_args
+from fedray.serving.args import EXPLAIN_METHODS, ServeArgs, auth_token, parse_args
 from fedray.serving.images import ACCEPTED_TYPES, Limits, RequestError, Upload, decode_upload
 from fedray.serving.schemas import ErrorBody, Explanation, Health, ModelInfo, Prediction, Ready
 from fedray.serving.uploads import batch_parts, single_upload

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from fedray.package import ModelPackage, PackageError, load_package
+from fedray.artifacts.package import ModelPackage, PackageError, load_package
 
 logger = logging.getLogger(__name__)
 

@@ -192,7 +192,7 @@ class ModelPackage:
 
     def explainable(self):
         """The package as fedray.explain's LoadedModel."""
-        from fedray.explain import LoadedModel
+        from fedray.artifacts.model import LoadedModel
 
         return LoadedModel(model=self.eager_model(), backbone=self.backbone,
                            image_size=self.image_size, classes=self.classes, source=self.path)
@@ -229,7 +229,7 @@ def ood_scores(features: Tensor, centroids: Tensor) -> Tensor:
 
 
 def _build_eager(folder: Path, card: dict) -> nn.Module:
-    from fedray import checkpoint
+    from fedray.artifacts import checkpoint
     from fedray.messages import to_torch
     from fedray.models import build_model
 
@@ -540,7 +540,7 @@ def _write_package(run_dir: Path, output: Path, *, name: str | None, version: st
         card["ood"], centroids = _calibrate_ood(model, _validation_shard(run_dir), size,
                                                 list(CLASSES), ood_quantile)
         if centroids is not None:
-            from fedray import checkpoint
+            from fedray.artifacts import checkpoint
 
             checkpoint.save_weights({"centroids": centroids}, tmp / OOD)
         if "torchscript" in formats:
@@ -740,7 +740,7 @@ def _centroids(folder: Path, card: dict, device: torch.device) -> Tensor | None:
         return None
     import torch
 
-    from fedray import checkpoint
+    from fedray.artifacts import checkpoint
 
     path = folder / ood.get("file", OOD)
     try:
