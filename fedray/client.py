@@ -1,11 +1,14 @@
-"""A hospital: holds its own shard, trains locally, and sends back only weights and counts.
+"""A hospital: holds its own data, trains locally, and sends back only weights and counts.
 
-A plain class. runtime.py turns it into a Ray actor; unit tests construct it directly.
+A plain class. runtime.py turns it into a Ray actor; unit tests construct it directly. With
+`data.source: sites` it reads and splits only its own site folder, evaluates models there and
+returns sufficient statistics (counts), never images, labels or scores.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -13,14 +16,13 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-import sys
-
 from fedray import engine, privacy
 from fedray.artifacts import checkpoint
-from fedray.config import ExperimentConfig
-from fedray.faults import FaultInjector
+from fedray.config import ExperimentConfig, SiteConfig
+from fedray.data.labels import CLASSES
 from fedray.data.shards import ShardDataset
-from fedray.data.transforms import train_preset
+from fedray.data.transforms import eval_preset, train_preset
+from fedray.faults import FaultInjector
 from fedray.messages import FitIns, FitRes, to_numpy, to_torch
 from fedray.models import BACKBONES, build_model
 
@@ -47,10 +49,18 @@ class HospitalClient:
         self.state_dir = Path(state_dir) if state_dir else None
         self.device = engine.pick_device(config.runtime.device)
         size = input_size(config)
-        self.dataset = ShardDataset.from_parquet(
-            Path(shard_path), size, train_preset(size, config.data.augment),
-            expand_flips=config.data.flip_x4,
-        )
+        self.site = config.data.sites.get(name) if config.data.source == "sites" else None
+        self.eval_data: dict[str, ShardDataset] = {}
+        self.split_counts: dict[str, dict[str, int]] = {}
+        self.hashes: list[str] = []
+        self._eval_model: torch.nn.Module | None = None
+        if self.site is not None:
+            self.dataset = self._load_site(self.site, size)
+        else:
+            self.dataset = ShardDataset.from_parquet(
+                Path(shard_path), size, train_preset(size, config.data.augment),
+                expand_flips=config.data.flip_x4,
+            )
         m, t = config.model, config.training
         # `model` is the plain module: weights come in and go out through it, never with
         # Opacus's `_module.` prefixes. `train_model` is what the loop runs (wrapped under DP).
@@ -88,6 +98,54 @@ class HospitalClient:
         # privacy ledger) so epsilon never resets; a new run's folder is empty.
         self.restore(round_number=2**31)
 
+    def _load_site(self, site: SiteConfig, size: int) -> ShardDataset:
+        """Read, split (first, before anything else) and decode this hospital's own folder."""
+        from fedray.data import sites
+
+        where = f"hospital {self.name} ({site.path})"
+        table = sites.read_site(site.path, self.config.data)
+        split = self.config.data.split
+        fold = (split.fold, split.folds) if split.folds else None
+        local = sites.split_site(table, self.config.data, self.config.seed, where, fold=fold)
+        self.split_counts = local.counts()
+        if self.config.data.cross_site_duplicates:
+            self.hashes = local.hashes()
+        for part in ("val", "test"):
+            if local.parts[part].num_rows:
+                self.eval_data[part] = ShardDataset.from_table(
+                    local.parts[part], size, eval_preset(size), where=f"{where} {part}")
+        return ShardDataset.from_table(local.parts["train"], size,
+                                       train_preset(size, self.config.data.augment),
+                                       expand_flips=self.config.data.flip_x4,
+                                       where=f"{where} train")
+
+    def evaluate(self, weights: OrderedDict, split: str) -> dict | None:
+        """Sufficient statistics of `weights` on this site's local `split` (loss sum, count,
+        confusion matrix, per-class score histograms), or None when the site has no such split."""
+        from fedray.metrics import sufficient_stats
+
+        data = self.eval_data.get(split)
+        if data is None:
+            return None
+        if self._eval_model is None:  # the training model keeps its own state (FedBN's layers)
+            m = self.config.model
+            self._eval_model = build_model(m.backbone, dp_safe=m.dp_safe,
+                                           dropout=m.dropout).to(self.device)
+        incoming = to_torch(weights)
+        if self._norm_keys:  # FedBN: the global model with this hospital's own norm layers
+            own = self.model.state_dict()
+            incoming.update({k: own[k] for k in self._norm_keys if k in own})
+        model = self._eval_model
+        model.load_state_dict(incoming)
+        t = self.config.training
+        loader = DataLoader(data, batch_size=t.eval_batch_size, shuffle=False)
+        pred = engine.predict(model, loader, self.device, amp=t.amp, channels_last=t.channels_last)
+        return sufficient_stats(pred.labels, pred.probs, pred.loss * len(pred.labels), len(CLASSES))
+
+    def image_hashes(self) -> list[str]:
+        """The sha256 of this site's images (opt-in: data.cross_site_duplicates), never images."""
+        return list(self.hashes)
+
     @property
     def shares_local_metrics(self) -> bool:
         """Un-noised local loss, accuracy and class counts leave only when allowed: by
@@ -100,6 +158,9 @@ class HospitalClient:
                 "device": str(self.device), "threads": torch.get_num_threads(), "pid": os.getpid()}
         if self.shares_local_metrics:
             info["class_counts"] = self.dataset.class_counts().tolist()
+        if self.split_counts:  # site mode: the local split's class table, counts only
+            info["splits"] = (self.split_counts if self.shares_local_metrics else
+                              {k: {"total": sum(v.values())} for k, v in self.split_counts.items()})
         return info
 
     def fit(self, weights: OrderedDict, ins: FitIns) -> FitRes:
@@ -146,7 +207,8 @@ class HospitalClient:
         if self.private is None:
             return None
         return {**self.private.report(), "releases": len(self.releases),
-                "accountant": self.private.settings.accountant}
+                "accountant": self.private.settings.accountant,
+                "history": self.private.ledger.state_dict()["history"]}
 
     def _load_global(self, weights: OrderedDict, local_layers: str | None) -> None:
         """Take the global weights; with FedBN ("norm") keep this hospital's own norm layers."""

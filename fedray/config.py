@@ -36,9 +36,13 @@ class SplitConfig(_Strict):
     val: float = Field(0.15, ge=0, lt=1)
     test: float = Field(0.15, gt=0, lt=1)
     group_aware: bool = True
+    fold: int = Field(0, ge=0, description="with folds: which fold is the local test split")
+    folds: int | None = Field(None, ge=2, description="k-fold split at each site (cv)")
 
     @model_validator(mode="after")
     def _sums_to_one(self) -> SplitConfig:
+        if self.folds is not None and self.fold >= self.folds:
+            raise ValueError(f"fold {self.fold} is not below folds {self.folds}")
         total = self.train + self.val + self.test
         if abs(total - 1.0) > 1e-6:
             raise ValueError(f"train + val + test must equal 1.0, got {total:.4f}")
@@ -54,8 +58,26 @@ class PartitionConfig(_Strict):
     group_column: str = Field("site", description="column naming each row's site, for by-group")
 
 
+class SiteConfig(_Strict):
+    """One hospital's own data folder, on its own node; read only by that hospital."""
+
+    path: Path = Field(..., description="image folder (any recognised layout) or a prepared "
+                                        "folder, on the hospital's node")
+    state_dir: Path | None = Field(
+        None, description="where the hospital keeps its optimizer state, ledger and local model; "
+                          "default: .fedray-state/<run> inside its site folder")
+
+
 class DataConfig(_Strict):
-    source: Literal["synth", "folder", "prepared"] = "synth"
+    source: Literal["synth", "folder", "prepared", "sites"] = "synth"
+    sites: dict[str, SiteConfig] = Field(
+        default_factory=dict, description="source sites: hospital name -> its site folder")
+    cross_site_duplicates: bool = Field(
+        False, description="sites exchange the sha256 of their images (never the images) and "
+                           "the coordinator reports duplicates across sites")
+    central_test: Path | None = Field(
+        None, description="an optional held-out folder evaluated centrally by the coordinator "
+                          "(an external cohort)")
     path: Path | None = Field(None, description="image folder (folder) or prepared dir (prepared)")
     include_segmented: bool = False
     skip_bad: bool = False
@@ -70,6 +92,14 @@ class DataConfig(_Strict):
 
     @model_validator(mode="after")
     def _path_needed(self) -> DataConfig:
+        if self.source == "sites":
+            if not self.sites:
+                raise ValueError("data.sites is required when data.source is 'sites' "
+                                 "(hospital name -> {path: DIR})")
+            return self
+        if self.sites:
+            raise ValueError(f"data.sites is only read when data.source is 'sites' "
+                             f"(data.source is '{self.source}')")
         if self.source != "synth" and self.path is None:
             raise ValueError(f"data.path is required when data.source is '{self.source}'")
         return self
@@ -236,6 +266,15 @@ class ExperimentConfig(_Strict):
     federation: FederationConfig = FederationConfig()
     privacy: PrivacyConfig = PrivacyConfig()
     runtime: RuntimeConfig = RuntimeConfig()
+
+    @model_validator(mode="after")
+    def _one_hospital_per_site(self) -> ExperimentConfig:
+        sites = self.data.sites
+        if self.data.source == "sites" and len(sites) != self.federation.hospitals:
+            raise ValueError(f"federation.hospitals is {self.federation.hospitals} but "
+                             f"data.sites names {len(sites)} ({', '.join(sorted(sites))}): "
+                             "set federation.hospitals to the number of sites")
+        return self
 
     @model_validator(mode="after")
     def _private_models_are_dp_safe(self) -> ExperimentConfig:

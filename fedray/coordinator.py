@@ -27,7 +27,7 @@ from fedray.data.shards import ShardDataset, ShardSet
 from fedray.data.transforms import eval_preset
 from fedray.faults import FaultInjected, FaultInjector
 from fedray.messages import Failure, FitIns, FitRes, to_numpy, to_torch
-from fedray.metrics import classification_metrics
+from fedray.metrics import add_stats, classification_metrics, metrics_from_stats
 from fedray.models import build_model
 from fedray.privacy.errors import PrivacyBudgetExhausted
 from fedray.strategy import build_strategy
@@ -46,6 +46,8 @@ class HospitalPool(Protocol):
     def save_local_models(self) -> None: ...
 
     def ledgers(self) -> dict[str, dict | None]: ...
+
+    def evaluate(self, weights: OrderedDict, split: str) -> dict[str, dict | None]: ...
 
 
 class LocalPool:
@@ -80,6 +82,12 @@ class LocalPool:
     def ledgers(self) -> dict[str, dict | None]:
         return {name: client.privacy_ledger() for name, client in self.clients.items()}
 
+    def evaluate(self, weights: OrderedDict, split: str) -> dict[str, dict | None]:
+        return {name: client.evaluate(weights, split) for name, client in self.clients.items()}
+
+    def image_hashes(self) -> dict[str, list[str]]:
+        return {name: client.image_hashes() for name, client in self.clients.items()}
+
 
 class EarlyStop:
     """Patience on the global validation loss."""
@@ -106,7 +114,7 @@ class Coordinator:
     """Owns the global model and the run's state; one call to `run_round` is one round."""
 
     def __init__(self, config: ExperimentConfig, run_dir: Path, pool: HospitalPool,
-                 shards: ShardSet, num_threads: int | None = None) -> None:
+                 shards: ShardSet | None = None, num_threads: int | None = None) -> None:
         if num_threads:
             torch.set_num_threads(num_threads)
         self.config = config
@@ -135,10 +143,17 @@ class Coordinator:
 
             self.strategy.norm_keys = norm_parameter_names(self.model)
         size = input_size(config)
-        self.eval_sets = {
-            split: ShardDataset.from_parquet(shards.path(file), size, eval_preset(size))
-            for split, file in (("val", shards.val), ("test", shards.test)) if file
-        }
+        # Site mode: every hospital evaluates on its own local splits and sends counts; the
+        # coordinator opens no site image (only an optional central cohort of its own).
+        self.federated = config.data.source == "sites"
+        self.eval_sets: dict[str, ShardDataset] = {}
+        if self.federated:
+            if config.data.central_test is not None:
+                self.eval_sets["central_test"] = _central_set(config, size)
+        elif shards is not None:
+            self.eval_sets = {
+                split: ShardDataset.from_parquet(shards.path(file), size, eval_preset(size))
+                for split, file in (("val", shards.val), ("test", shards.test)) if file}
         self.round = 0
         self.history: list[dict] = []
         self.rng = np.random.default_rng(config.seed)
@@ -192,7 +207,7 @@ class Coordinator:
         if counted:
             self.weights = new_weights
         start = time.perf_counter()
-        val = self._evaluate("val", self.weights) if "val" in self.eval_sets else None
+        val = self._evaluate("val", self.weights) if self._has("val") else None
         timings["evaluate_s"] = time.perf_counter() - start
         self.round = r
         record = self._record(r, selected, results, failures, counted, val, timings)
@@ -269,11 +284,18 @@ class Coordinator:
             "hospitals": {res.hospital: {**res.metrics, "num_samples": res.num_samples}
                           for res in sorted(results, key=lambda x: x.hospital)},
             "val": _summary(val) if val else None,
+            **({"val_sites": {h: _summary(m) for h, m in val["sites"].items()}}
+               if val and "sites" in val else {}),
             "timings": timings,
         }
 
     # ---- evaluation --------------------------------------------------------------------
+    def _has(self, split: str) -> bool:
+        return (self.federated and split in ("val", "test")) or split in self.eval_sets
+
     def _evaluate(self, split: str, weights: OrderedDict) -> dict:
+        if self.federated and split in ("val", "test"):
+            return self._evaluate_at_sites(split, weights)
         self.model.load_state_dict(to_torch(weights))
         t = self.config.training
         loader = DataLoader(self.eval_sets[split], batch_size=t.eval_batch_size, shuffle=False)
@@ -283,12 +305,32 @@ class Coordinator:
         metrics["loss"] = pred.loss
         return metrics
 
+    def _evaluate_at_sites(self, split: str, weights: OrderedDict) -> dict | None:
+        """Pooled metrics computed exactly from the sites' sufficient statistics, with each
+        site's own metrics under `sites`; the pooled loss drives the schedule. None when no
+        site holds a local `split` (a validation fraction of 0)."""
+        stats = {h: st for h, st in sorted(self.pool.evaluate(weights, split).items()) if st}
+        if not stats:
+            if split == "val":
+                return None
+            raise RuntimeError(f"no hospital could evaluate on its local {split} split")
+        pooled = metrics_from_stats(add_stats(list(stats.values())), list(CLASSES))
+        pooled["sites"] = {h: metrics_from_stats(st, list(CLASSES)) for h, st in stats.items()}
+        return pooled
+
     def finish(self) -> dict:
         """Evaluate the best global model on val and test; write metrics.json and final weights."""
         final = {"rounds": self.round, "stop_reason": self.stop_reason or "completed all rounds",
                  "best_round": self.best_round}
-        for split in self.eval_sets:
-            final[split] = self._evaluate(split, self.best_weights)
+        splits = (["val", "test"] if self.federated else []) + list(self.eval_sets)
+        for split in splits:
+            result = self._evaluate(split, self.best_weights)
+            if result is not None:
+                final[split] = result
+        if self.federated:
+            final.update(_per_site(final))
+            if self.config.data.cross_site_duplicates:
+                final["cross_site_duplicates"] = cross_site_duplicates(self.pool.image_hashes())
         final["privacy"] = self.privacy_summary()
         if self.skipped:
             final["resume_skipped"] = self.skipped
@@ -432,6 +474,44 @@ def _read_json(path: Path) -> dict | None:
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
+
+
+def _central_set(config: ExperimentConfig, size: int) -> ShardDataset:
+    """The coordinator's own held-out cohort (data.central_test), read and evaluated whole."""
+    from fedray.data.sites import read_site
+
+    table = read_site(config.data.central_test, config.data)
+    return ShardDataset.from_table(table, size, eval_preset(size),
+                                   where=f"data.central_test ({config.data.central_test})")
+
+
+def cross_site_duplicates(hashes: dict[str, list[str]]) -> dict:
+    """Images held by more than one site, from the sha256 lists the sites sent (never images):
+    how many, and per pair of sites."""
+    holders: dict[str, list[str]] = {}
+    for site, digests in sorted(hashes.items()):
+        for digest in set(digests):
+            holders.setdefault(digest, []).append(site)
+    pairs: dict[str, int] = {}
+    for sites in holders.values():
+        for i, a in enumerate(sites):
+            for b in sites[i + 1:]:
+                pairs[f"{a}|{b}"] = pairs.get(f"{a}|{b}", 0) + 1
+    return {"checked": True, "sites": sorted(hashes),
+            "duplicates": sum(1 for s in holders.values() if len(s) > 1), "pairs": pairs}
+
+
+def _per_site(final: dict) -> dict:
+    """metrics.json's `sites` ({hospital: {val, test}}) and `worst_site` (lowest test balanced
+    accuracy), moved out of the pooled splits."""
+    sites: dict[str, dict] = {}
+    for split in ("val", "test"):
+        for h, m in (final.get(split) or {}).pop("sites", {}).items():
+            sites.setdefault(h, {})[split] = m
+    tested = {h: m["test"]["balanced_accuracy"] for h, m in sites.items() if "test" in m}
+    worst = min(tested, key=lambda h: (tested[h], h)) if tested else None
+    return {"sites": sites, "worst_site": None if worst is None else
+            {"hospital": worst, "balanced_accuracy": tested[worst]}}
 
 
 def _summary(metrics: dict) -> dict:

@@ -11,7 +11,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fedray.artifacts import atomic
 from fedray.config import ConfigError, ExperimentConfig, load_config
+from fedray.data.labels import CLASSES
 from fedray.data.pipeline import build_shards, counts_table, load_source
 from fedray.data.shards import ShardSet
 from fedray.metrics import format_table
@@ -51,7 +53,14 @@ def load_run_config(run_dir: Path, overrides: list[str] | None = None) -> Experi
     return load_config(path, overrides)
 
 
-def prepare_data(config: ExperimentConfig, run_dir: Path, log: Callable[[str], None]) -> ShardSet:
+def prepare_data(config: ExperimentConfig, run_dir: Path,
+                 log: Callable[[str], None]) -> ShardSet | None:
+    """The run's shards; None in site mode, where each hospital reads its own folder and the
+    driver opens no image."""
+    if config.data.source == "sites":
+        log(f"data: {len(config.data.sites)} sites; each hospital reads, splits and evaluates "
+            "on its own folder")
+        return None
     shard_dir = run_dir / "data"
     if (shard_dir / "shards.json").is_file():
         return ShardSet.load(shard_dir)
@@ -68,16 +77,37 @@ def record_shards(shards: ShardSet, run_dir: Path) -> None:
     """Note which shards a run trained on, and what they hold, in its own folder (the model
     card's per-hospital table reads it)."""
     record = {"root": str(Path(shards.root).resolve()), "counts": shards.counts}
-    (run_dir / SHARDS_USED).write_text(json.dumps(record, indent=2))
+    atomic.write_json(run_dir / SHARDS_USED, record)
+
+
+def site_table(hospitals: dict[str, dict]) -> str | None:
+    """Each site's local split as counts (all a site sends of its data), for the console."""
+    rows = [(f"{name} {split}", counts) for name, info in sorted(hospitals.items())
+            for split, counts in (info.get("splits") or {}).items()]
+    if not rows:
+        return None
+    width = max(len(n) for n, _ in rows) + 2
+    columns = list(CLASSES) if all(set(c) <= set(CLASSES) for _, c in rows) else ["total"]
+    lines = ["site split".ljust(width) + "".join(c.rjust(8) for c in columns) + "total".rjust(8)]
+    for name, counts in rows:
+        cells = "".join(str(counts.get(c, 0)).rjust(8) for c in columns) if columns != ["total"] else ""
+        lines.append(name.ljust(width) + cells + str(sum(counts.values())).rjust(8))
+    return "\n".join(lines)
+
+
+def record_sites(hospitals: dict[str, dict], run_dir: Path) -> None:
+    """The sites' class tables (counts, as they sent them) in the run folder (data/sites.json)."""
+    counts = {name: info.get("splits") for name, info in sorted(hospitals.items())}
+    atomic.write_json(run_dir / "data" / "sites.json", {"sites": counts})
 
 
 def progress_line(record: dict, rounds: int) -> str:
     done = len(record["completed"])
     asked = len(record["selected"])
-    losses = [h["loss"] for h in record["hospitals"].values()]
-    train_loss = sum(losses) / len(losses) if losses else float("nan")
-    parts = [f"round {record['round']}/{rounds}", f"hospitals {done}/{asked}",
-             f"train loss {train_loss:.4f}"]
+    losses = [h["loss"] for h in record["hospitals"].values() if "loss" in h]
+    parts = [f"round {record['round']}/{rounds}", f"hospitals {done}/{asked}"]
+    if losses:  # not shared under DP unless privacy.share_local_metrics
+        parts.append(f"train loss {sum(losses) / len(losses):.4f}")
     if record["val"]:
         v = record["val"]
         parts.append(f"val loss {v['loss']:.4f} acc {v['accuracy']:.4f} "
@@ -85,6 +115,8 @@ def progress_line(record: dict, rounds: int) -> str:
     eps = [h["epsilon"] for h in record["hospitals"].values() if "epsilon" in h]
     if eps:
         parts.append(f"eps max {max(eps):.2f}")
+    if record.get("dp_warning"):
+        parts.append("EPSILON IS NOT A GUARANTEE (privacy.reproducible_noise)")
     parts.append(f"lr {record['lr']:.2e}")
     t = record["timings"]
     parts.append(f"{t['fit_s'] + t['aggregate_s'] + t['evaluate_s']:.1f}s")
@@ -129,7 +161,7 @@ def run(config: ExperimentConfig, *, output_dir: Path | None = None, resume: Pat
 
     start = time.perf_counter()
     run_dir = Path(resume).resolve() if resume else new_run_dir(config, output_dir)
-    (run_dir / "config.yaml").write_text(config.to_yaml())
+    atomic.write_text(run_dir / "config.yaml", config.to_yaml())
     log(f"run folder: {run_dir}")
     if on_start:
         on_start(run_dir)
@@ -151,8 +183,14 @@ def run(config: ExperimentConfig, *, output_dir: Path | None = None, resume: Pat
             "data_s": ray_start - data_start, "ray_s": launched - ray_start,
             "launch_to_first_round_s": time.perf_counter() - launched,
             "coordinator_in": coordinator.where, **coordinator.startup()}
-        (run_dir / STARTUP).write_text(json.dumps(startup, indent=2))
+        atomic.write_json(run_dir / STARTUP, startup)
         log(startup_line(startup))
+        if shards is None:
+            hospitals = coordinator.hospitals()
+            record_sites(hospitals, run_dir)
+            table = site_table(hospitals)
+            if table:
+                log(table)
         if resume:
             log(f"resuming after round {first}")
         while True:
@@ -170,5 +208,8 @@ def run(config: ExperimentConfig, *, output_dir: Path | None = None, resume: Pat
     log(f"finished: {final['stop_reason']}; best round {final['best_round']}; {seconds:.1f}s, "
         f"{startup['to_first_round_s']:.1f}s of it to the first round")
     log(format_table({k: final[k] for k in ("val", "test") if k in final}))
+    if final.get("worst_site"):
+        w = final["worst_site"]
+        log(f"worst site: {w['hospital']} (test balanced accuracy {w['balanced_accuracy']:.4f})")
     return RunResult(run_dir, final, history, seconds, startup)
 

@@ -252,6 +252,16 @@ class HospitalActor(HospitalClient):
                 "assigned": context.get_assigned_resources(), "started": self.started}
 
 
+def hospital_state_dir(config: ExperimentConfig, run_dir: Path, name: str) -> Path:
+    """Where a hospital keeps its optimizer state, ledger and local model: in site mode at the
+    site (data.sites.<name>.state_dir, or .fedray-state/<run> in its own folder), never in the
+    shared run folder; otherwise hospitals/<name> in the run folder."""
+    site = config.data.sites.get(name) if config.data.source == "sites" else None
+    if site is None:
+        return Path(run_dir) / "hospitals" / name
+    return Path(site.state_dir or Path(site.path) / ".fedray-state") / Path(run_dir).name
+
+
 class RayPool:
     """Hospital actors, created once for the run and kept until it ends.
 
@@ -259,9 +269,10 @@ class RayPool:
     their models while the coordinator starts; `wait_ready` (called by the coordinator) does.
     """
 
-    def __init__(self, config: ExperimentConfig, shards: ShardSet, run_dir: Path) -> None:
+    def __init__(self, config: ExperimentConfig, shards: ShardSet | None, run_dir: Path) -> None:
         rt = config.runtime
-        self.names = sorted(shards.hospitals)
+        sites = config.data.source == "sites"
+        self.names = sorted(config.data.sites) if sites else sorted(shards.hospitals)
         group = get_current_placement_group()
         if group is not None:  # a Ray Tune trial: its placement group is already reserved
             self.placements = bundle_placements(self.names, group.bundle_specs)
@@ -278,8 +289,8 @@ class RayPool:
             name: remote.options(
                 name=None, max_restarts=rt.max_restarts, max_task_retries=0,
                 **self.placements[name].options(group),
-            ).remote(name, str(shards.path(shards.hospitals[name])), config,
-                     str(run_dir / "hospitals" / name), self.placements[name].threads)
+            ).remote(name, None if sites else str(shards.path(shards.hospitals[name])), config,
+                     str(hospital_state_dir(config, run_dir, name)), self.placements[name].threads)
             for name in self.names
         }
         self.info: dict[str, dict] = {}
@@ -391,6 +402,26 @@ class RayPool:
     def save_local_models(self) -> None:
         ray.get([a.save_local_model.remote() for a in self.actors.values()])
 
+    def evaluate(self, weights: OrderedDict, split: str) -> dict[str, dict | None]:
+        """Every reachable hospital's sufficient statistics of `weights` on its local `split`
+        (the weights broadcast once); a hospital that cannot answer is left out and named."""
+        names, failures = self._reachable(self.names, self.restart_wait_s)
+        ref = ray.put(weights)
+        pending = {name: self.actors[name].evaluate.remote(ref, split) for name in names}
+        out: dict[str, dict | None] = {}
+        for name, future in pending.items():
+            try:
+                out[name] = ray.get(future)
+            except (RayTaskError, RayActorError) as exc:
+                failures.append(Failure(name, "error", f"hospital {name} could not evaluate: {exc}"))
+        for failure in failures:
+            print(f"federated evaluation ({split}): {failure.message}", flush=True)
+        return out
+
+    def image_hashes(self) -> dict[str, list[str]]:
+        return dict(zip(self.names, ray.get([self.actors[n].image_hashes.remote()
+                                             for n in self.names])))
+
 
 class CoordinatorHost:
     """What runs the coordinator, in its own actor or in the driver: it builds the global
@@ -400,14 +431,15 @@ class CoordinatorHost:
     this module, so hospital actors, which import this module for their class, never load it.
     """
 
-    def __init__(self, config: ExperimentConfig, run_dir: str, shard_root: str, pool: RayPool,
-                 resume: bool, num_threads: int | None, launched: float | None = None) -> None:
+    def __init__(self, config: ExperimentConfig, run_dir: str, shard_root: str | None,
+                 pool: RayPool, resume: bool, num_threads: int | None,
+                 launched: float | None = None) -> None:
         begun = time.time()
         from fedray.coordinator import Coordinator
 
         self.pool = pool
         try:
-            shards = ShardSet.load(Path(shard_root))
+            shards = ShardSet.load(Path(shard_root)) if shard_root else None
             self.coordinator = Coordinator(config, Path(run_dir), self.pool, shards,
                                            num_threads=num_threads)
         except BaseException:
@@ -463,6 +495,9 @@ class CoordinatorActor:
     def startup(self) -> dict:
         return call(self.handle.startup)
 
+    def hospitals(self) -> dict[str, dict]:
+        return call(self.handle.hospitals)
+
     def close(self) -> None:
         ray.kill(self.handle)
 
@@ -489,6 +524,9 @@ class DriverCoordinator:
     def startup(self) -> dict:
         return self.host.startup()
 
+    def hospitals(self) -> dict[str, dict]:
+        return self.host.hospitals()
+
     def close(self) -> None:
         import torch
 
@@ -512,7 +550,7 @@ def coordinator_in_driver(rt: RuntimeConfig) -> bool:
     return not torch.cuda.is_available()
 
 
-def launch_coordinator(config: ExperimentConfig, run_dir: Path, shards: ShardSet,
+def launch_coordinator(config: ExperimentConfig, run_dir: Path, shards: ShardSet | None,
                        resume: bool = False) -> CoordinatorActor | DriverCoordinator:
     """The hospital actors and the coordinator, all starting at once.
 
@@ -535,18 +573,19 @@ def launch_coordinator(config: ExperimentConfig, run_dir: Path, shards: ShardSet
         options = {"num_cpus": rt.coordinator_num_cpus, "num_gpus": rt.coordinator_num_gpus}
         cpus = ray.cluster_resources().get("CPU", os.cpu_count() or 1)
     threads = max(1, int(cpus))
+    shard_root = str(shards.root) if shards is not None else None
     if coordinator_in_driver(rt):
         import torch
 
         before = torch.get_num_threads()
         try:
-            host = CoordinatorHost(config, str(run_dir), str(shards.root), pool, resume, threads)
+            host = CoordinatorHost(config, str(run_dir), shard_root, pool, resume, threads)
         except BaseException:
             torch.set_num_threads(before)
             raise
         return DriverCoordinator(host, before)
     remote = ray.remote(CoordinatorHost).options(max_restarts=0, **options)
-    return CoordinatorActor(remote.remote(config, str(run_dir), str(shards.root), pool, resume,
+    return CoordinatorActor(remote.remote(config, str(run_dir), shard_root, pool, resume,
                                           threads, time.time()))
 
 

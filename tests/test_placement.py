@@ -17,8 +17,7 @@ import yaml
 
 from fedray import runtime
 from fedray.config import load_config
-from fedray.data import synth
-from fedray.data.pipeline import build_shards
+from fedray.data import sites, synth
 
 from conftest import tiny_config
 
@@ -94,16 +93,33 @@ def test_resources_that_exist_but_not_together_or_not_enough() -> None:
 # ---------------------------------------------------------------- a real multi-node cluster
 
 SCRIPT = textwrap.dedent("""
-    import json, sys, time
+    import json, os, sys, time
     from pathlib import Path
 
     import fedray  # loopback-only Ray settings before Ray is imported
     import ray
     from ray.cluster_utils import Cluster
 
-    config_path, shard_root, run_dir = sys.argv[1:4]
+    config_path, sites_root, run_dir, audit_dir = sys.argv[1:5]
     out = {}
 
+    def audit():
+        # In every process: record each file or folder opened under the sites' root.
+        import os, sys
+        root, folder = os.environ["AUDIT_ROOT"], os.environ["AUDIT_DIR"]
+        log = open(os.path.join(folder, f"{os.getpid()}.log"), "a")
+
+        def hook(event, args):
+            if event in ("open", "os.listdir", "os.scandir") and args and args[0] is not None \\
+                    and isinstance(args[0], (str, bytes, os.PathLike)):
+                path = os.path.abspath(os.fsdecode(args[0]))
+                if path.startswith(root) and "/.fedray-state" not in path:
+                    log.write(path + "\\n")
+                    log.flush()
+        sys.addaudithook(hook)
+
+    os.environ.update(AUDIT_ROOT=sites_root, AUDIT_DIR=audit_dir)
+    audit()  # the driver, which hosts the coordinator here
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 1, "include_dashboard": False, "node_ip_address": "127.0.0.1"})
     try:
@@ -112,9 +128,7 @@ SCRIPT = textwrap.dedent("""
                              node_ip_address="127.0.0.1")
         from fedray import runtime
         from fedray.config import load_config
-        from fedray.data.shards import ShardSet
-
-        shards = ShardSet.load(Path(shard_root))
+        from fedray.coordinator import Coordinator
 
         def config(*sets):
             return load_config(Path(config_path), list(sets))
@@ -124,7 +138,9 @@ SCRIPT = textwrap.dedent("""
                 ray.kill(actor, no_restart=True)
 
         cluster.wait_for_nodes()
-        ray.init(address=cluster.address, log_to_driver=False)
+        ray.init(address=cluster.address, log_to_driver=False, runtime_env={
+            "worker_process_setup_hook": audit,
+            "env_vars": {"AUDIT_ROOT": sites_root, "AUDIT_DIR": audit_dir}})
         nodes = [n for n in ray.nodes() if n["Alive"]]
         out["addresses"] = sorted({n["NodeManagerAddress"] for n in nodes})
         out["expected"] = {r: n["NodeID"] for n in nodes for r in n["Resources"]
@@ -135,21 +151,32 @@ SCRIPT = textwrap.dedent("""
         try:
             runtime.RayPool(config("runtime.pin_hospitals_to_nodes=true",
                                    "runtime.hospital_resources={hospital_b: {hospital_c: 1}}"),
-                            shards, Path(run_dir))
+                            None, Path(run_dir))
             out["missing"] = {"error": None}
         except runtime.StartupError as exc:
             out["missing"] = {"error": str(exc), "seconds": time.monotonic() - start}
 
-        # each hospital pinned to its own site's node
-        pool = runtime.RayPool(config("runtime.pin_hospitals_to_nodes=true"), shards, Path(run_dir))
-        out["pinned"] = {name: info["node_id"] for name, info in pool.wait_ready().items()}
+        # each hospital pinned to its own site's node, reading its own folder; one round of
+        # training and the federated evaluation, the coordinator in this (the driver's) process
+        pinned = config("runtime.pin_hospitals_to_nodes=true")
+        pool = runtime.RayPool(pinned, None, Path(run_dir))
+        info = pool.wait_ready()
+        out["pinned"] = {name: i["node_id"] for name, i in info.items()}
+        out["pids"] = {name: i["pid"] for name, i in info.items()}
+        out["driver_pid"] = os.getpid()
+        out["splits"] = {name: i.get("splits") for name, i in info.items()}
+        coordinator = Coordinator(pinned, Path(run_dir), pool, None, num_threads=1)
+        coordinator.run_round()
+        final = coordinator.finish()
+        out["final"] = {"sites": sorted(final["sites"]), "worst_site": final["worst_site"],
+                        "test_n": final["test"]["n"]}
         kill(pool)
 
         # both ask for all of site a: one waits for a node that never frees, until the timeout
         start = time.monotonic()
         pool = runtime.RayPool(config(
             "runtime.hospital_resources={hospital_a: {hospital_a: 1}, hospital_b: {hospital_a: 1}}",
-            "runtime.start_timeout_s=4"), shards, Path(run_dir))
+            "runtime.start_timeout_s=4"), None, Path(run_dir))
         try:
             pool.wait_ready()
             out["timeout"] = {"error": None}
@@ -165,18 +192,23 @@ SCRIPT = textwrap.dedent("""
 @pytest.fixture(scope="module")
 def cluster_run(tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("placement")
-    config = tiny_config(tmp)
-    build_shards(synth.generate(n=120, size=32, seed=1, patients_per_class=4), config.data, 2,
-                 config.seed, tmp / "data")
+    base = tiny_config(tmp)
+    folders = sites.split_sites(synth.generate(n=160, size=32, seed=1, patients_per_class=8),
+                                base.data, 2, base.seed, tmp / "sites", layout="folder")
+    config = tiny_config(tmp, **{"data.source": "sites", "data.sites": json.dumps(
+        {name: {"path": str(folder), "state_dir": str(tmp / "state" / name)}
+         for name, folder in folders.items()})})
     (tmp / "exp.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    (tmp / "audit").mkdir()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0")
-    args = [str(tmp / "exp.yaml"), str(tmp / "data"), str(tmp / "run")]
+    args = [str(tmp / "exp.yaml"), str((tmp / "sites").resolve()), str(tmp / "run"),
+            str(tmp / "audit")]
     proc = subprocess.Popen([sys.executable, "-c", SCRIPT, *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env,
                             cwd=Path(__file__).parents[1], start_new_session=True)
     try:
-        stdout, stderr = proc.communicate(timeout=150)
+        stdout, stderr = proc.communicate(timeout=240)
     except subprocess.TimeoutExpired:
         # the cluster's processes are in its process group (and die with their parents)
         os.killpg(proc.pid, signal.SIGKILL)
@@ -185,7 +217,13 @@ def cluster_run(tmp_path_factory) -> dict:
     lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, (
         f"rc {proc.returncode}\n{stdout[-2000:]}\n{stderr[-4000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
+    result = json.loads(lines[-1][len("RESULT "):])
+    opened: dict[int, set[str]] = {}
+    for log in (tmp / "audit").glob("*.log"):
+        opened[int(log.stem)] = {Path(p).relative_to((tmp / "sites").resolve()).parts[0]
+                                 for p in log.read_text().splitlines()}
+    result["opened"] = opened
+    return result
 
 
 @pytest.mark.slow
@@ -216,3 +254,29 @@ def test_hospital_that_never_gets_a_node_times_out_by_name(cluster_run) -> None:
     assert "did not start within runtime.start_timeout_s=4s" in late["error"]
     assert "hospital_a" in late["error"] or "hospital_b" in late["error"]
     assert "asks one node for {CPU: 1, hospital_a: 1}" in late["error"]
+
+
+@pytest.mark.slow
+def test_each_hospital_reads_only_its_own_site_and_the_coordinator_none(cluster_run) -> None:
+    """An audit hook in every process of the cluster (the driver, which hosts the coordinator,
+    and every Ray worker) records each file or folder opened under the sites' root."""
+    opened, pids = cluster_run["opened"], cluster_run["pids"]
+    assert opened.get(cluster_run["driver_pid"], set()) == set()
+    for name, pid in pids.items():
+        assert opened.get(pid) == {name}, (name, opened)
+    others = {pid: sites for pid, sites in opened.items()
+              if pid not in pids.values() and pid != cluster_run["driver_pid"]}
+    assert all(not s for s in others.values()), others
+
+
+@pytest.mark.slow
+def test_site_run_reports_counts_and_per_site_metrics(cluster_run) -> None:
+    splits = cluster_run["splits"]
+    assert set(splits) == {"hospital_a", "hospital_b"}
+    for counts in splits.values():
+        assert set(counts) == {"train", "val", "test"}
+        assert all(isinstance(n, int) for split in counts.values() for n in split.values())
+    final = cluster_run["final"]
+    assert final["sites"] == ["hospital_a", "hospital_b"]
+    assert final["worst_site"]["hospital"] in {"hospital_a", "hospital_b"}
+    assert final["test_n"] == sum(sum(c["test"].values()) for c in splits.values())

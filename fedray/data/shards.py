@@ -102,15 +102,29 @@ class ShardDataset(torch.utils.data.Dataset):
         expand_flips: bool = False,
     ) -> ShardDataset:
         table = pq.read_table(path, columns=["path", "label", "group", "image"])
+        return cls.from_table(table, image_size, transform, expand_flips, where=str(path))
+
+    @classmethod
+    def from_table(
+        cls,
+        table: pa.Table,
+        image_size: int,
+        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        expand_flips: bool = False,
+        where: str = "shard",
+    ) -> ShardDataset:
+        """Decode a manifest table's images once (`where` names it in errors)."""
         arrays = []
         for row_path, blob in zip(table.column("path").to_pylist(), table.column("image").to_pylist()):
             try:
                 arrays.append(decode_image(blob, image_size))
             except Exception as exc:  # noqa: BLE001 - re-raised with the row named
-                raise ValueError(f"{path}: cannot decode image {row_path!r}: {exc}") from exc
+                raise ValueError(f"{where}: cannot decode image {row_path!r}: {exc}") from exc
+        if not arrays:
+            raise ValueError(f"{where}: no images")
         images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
         labels = torch.tensor([CLASS_INDEX[x] for x in table.column("label").to_pylist()])
-        groups = table.column("group").to_pylist()
+        groups = [str(g) for g in table.column("group").to_pylist()]
         sources = torch.arange(len(labels))
         if expand_flips:
             images, labels = flip_expand(images, labels)

@@ -31,14 +31,22 @@ def _history_epsilon(mechanism: str, history: list, delta: float) -> float:
 
 
 def run_ledgers(run_dir: Path) -> dict[str, dict[str, Any]]:
-    """A run's per-hospital ledger files together with the deltas its metrics.json reports."""
+    """A run's per-hospital ledgers: the histories metrics.json carries (read from the
+    hospitals' own ledgers, wherever they live), else the ledger files in the run folder."""
     run_dir = Path(run_dir)
     try:
         reported = json.loads((run_dir / "metrics.json").read_text()).get("privacy") or {}
     except (OSError, ValueError):
         reported = {}
     out = {}
+    for name, info in (reported.get("hospitals") or {}).items():  # site-local ledgers
+        if "history" in info:
+            out[name] = {"history": info["history"], "mechanism": info.get("accountant", "rdp"),
+                         "delta": info.get("delta"), "epsilon": info.get("epsilon"),
+                         "unit": info.get("unit", reported.get("unit"))}
     for path in sorted((run_dir / "hospitals").glob(f"*/{LEDGER_FILE}")):
+        if path.parent.name in out:
+            continue
         ledger = read_ledger(path)
         if ledger is None:
             continue

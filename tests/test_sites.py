@@ -1,0 +1,115 @@
+"""Site-local data: each hospital reads and splits only its own folder, evaluates there and
+sends counts; the coordinator pools metrics exactly and names the worst site."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from fedray.config import ConfigError, load_config
+from fedray.coordinator import Coordinator, LocalPool, cross_site_duplicates
+from fedray.client import HospitalClient
+from fedray.data import sites, synth
+from fedray.data.pipeline import DataPrepError
+
+from conftest import tiny_config
+
+
+@pytest.fixture(scope="module")
+def site_folders(tmp_path_factory) -> dict[str, Path]:
+    """Three site folders in the raw layout (Class/patient/x.png), as a hospital keeps them."""
+    out = tmp_path_factory.mktemp("sites")
+    config = tiny_config(out)
+    table = synth.generate(n=270, size=32, seed=3, patients_per_class=9)
+    return sites.split_sites(table, config.data, 3, 0, out / "sites", layout="folder")
+
+
+def site_config(tmp_path: Path, folders: dict[str, Path], **overrides):
+    return tiny_config(tmp_path, **{
+        "data.source": "sites", "federation.hospitals": len(folders),
+        "data.sites": json.dumps({n: {"path": str(f), "state_dir": str(tmp_path / "state" / n)}
+                                  for n, f in folders.items()}), **overrides})
+
+
+def test_split_sites_keeps_each_patient_at_one_site(site_folders) -> None:
+    config = load_config(None)
+    patients = {}
+    for name, folder in site_folders.items():
+        assert not (folder / "manifest.parquet").exists()  # a raw folder, catalogued at the site
+        table = sites.read_site(folder, config.data)
+        groups = set(table.column("group").to_pylist())
+        assert all("/" in g for g in groups)  # Class/patient from the subfolders
+        patients[name] = groups
+    names = list(patients)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            assert not patients[a] & patients[b], (a, b)
+
+
+def test_local_split_is_group_aware_and_names_the_site(site_folders, tmp_path) -> None:
+    config = load_config(None)
+    folder = site_folders["hospital_a"]
+    local = sites.split_site(sites.read_site(folder, config.data), config.data, 0, "hospital_a")
+    by_split = {k: set(t.column("group").to_pylist()) for k, t in local.parts.items()}
+    assert not by_split["train"] & by_split["test"] and not by_split["train"] & by_split["val"]
+    one_patient = sites.read_site(folder, config.data).slice(0, 3)
+    with pytest.raises(DataPrepError, match="hospital_z"):
+        sites.split_site(one_patient, config.data, 0, "hospital_z")
+    with pytest.raises(DataPrepError, match="does not exist"):
+        sites.read_site(tmp_path / "nowhere", config.data)
+
+
+def test_sites_config_is_checked() -> None:
+    with pytest.raises(ConfigError, match="data.sites is required"):
+        load_config(None, ["data.source=sites"])
+    with pytest.raises(ConfigError, match="names 1"):
+        load_config(None, ["data.source=sites", "federation.hospitals=2",
+                           "data.sites={a: {path: /x}}"])
+
+
+def test_site_run_pools_metrics_and_names_the_worst_site(site_folders, tmp_path) -> None:
+    config = site_config(tmp_path, site_folders, **{"federation.rounds": 2,
+                                                    "data.cross_site_duplicates": True})
+    clients = [HospitalClient(name, None, config, tmp_path / "state" / name, num_threads=1)
+               for name in sorted(site_folders)]
+    opened: list[str] = []
+    roots = [str(f.resolve()) for f in site_folders.values()]
+    recording = [True]
+
+    def hook(event, args):  # the coordinator must open nothing under any site folder
+        if recording[0] and event in ("open", "os.listdir", "os.scandir") and args \
+                and isinstance(args[0], (str, bytes)):
+            path = str(Path(args[0] if isinstance(args[0], str) else args[0].decode()).resolve())
+            if any(path.startswith(r) for r in roots):
+                opened.append(path)
+
+    sys.addaudithook(hook)
+    try:
+        coord = Coordinator(config, tmp_path, LocalPool(clients), None, num_threads=1)
+        while coord.run_round() is not None:
+            pass
+        final = coord.finish()
+    finally:
+        recording[0] = False
+    assert opened == []
+    assert set(final["sites"]) == set(site_folders)
+    for name, client in zip(sorted(site_folders), clients):
+        assert final["sites"][name]["test"]["n"] == len(client.eval_data["test"])
+    assert final["test"]["n"] == sum(len(c.eval_data["test"]) for c in clients)
+    worst = min(final["sites"], key=lambda h: final["sites"][h]["test"]["balanced_accuracy"])
+    assert final["worst_site"] == {"hospital": worst, "balanced_accuracy":
+                                   final["sites"][worst]["test"]["balanced_accuracy"]}
+    assert final["cross_site_duplicates"]["checked"] and final["cross_site_duplicates"]["duplicates"] == 0
+    record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert set(record["val_sites"]) == set(site_folders)
+    assert (tmp_path / "state" / "hospital_a" / "state_0002.safetensors").is_file()
+    assert not (tmp_path / "hospitals").exists()  # hospital state stays at the site
+
+
+def test_cross_site_duplicates_count_shared_hashes() -> None:
+    found = cross_site_duplicates({"a": ["x", "y", "z"], "b": ["y", "q"], "c": ["y", "z"]})
+    assert found["duplicates"] == 2
+    assert found["pairs"] == {"a|b": 1, "a|c": 2, "b|c": 1}
