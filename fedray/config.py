@@ -6,6 +6,7 @@ field's dotted path. Unknown keys are errors, so a typo never silently falls bac
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any, Literal
 
@@ -251,6 +252,9 @@ class RuntimeConfig(_Strict):
         False, description="hospital X requires custom resource X: 0.001 (its site's node)")
     start_timeout_s: float = Field(
         600.0, gt=0, description="a hospital not started by then is a StartupError")
+    coordinator: Literal["auto", "driver", "actor"] = Field(
+        "auto", description="where the coordinator runs: in the driver's process, in an actor, "
+                            "or auto (the driver on a local Ray, an actor on a cluster)")
     fault_injection: list[FaultPoint] = Field(
         default_factory=list, description="test-only: named points where a process fails")
 
@@ -324,9 +328,25 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return path, value
 
 
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    for item in overrides:
-        path, value = parse_override(item)
+Overrides = list[str] | dict[str, Any]
+
+
+def _override_items(overrides: Overrides) -> list[tuple[str, list[str], Any]]:
+    """(as written, dotted path, value) of each override: `a.b=v` strings are read as YAML;
+    a mapping {"a.b": value} keeps its values as the Python values they are."""
+    if not isinstance(overrides, dict):
+        return [(item, *parse_override(item)) for item in overrides]
+    items = []
+    for key, value in overrides.items():
+        path = [p for p in str(key).strip().split(".") if p]
+        if not path:
+            raise ConfigError(f"override {key!r} has an empty key")
+        items.append((f"{key}={value!r}", path, value))
+    return items
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Overrides) -> dict[str, Any]:
+    for item, path, value in _override_items(overrides):
         node = raw
         for part in path[:-1]:
             child = node.setdefault(part, {})
@@ -337,11 +357,15 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
-def load_config(path: Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
-    """Read a YAML experiment (or the defaults) and apply `--set` overrides, validating once."""
+def load_config(path: Path | dict[str, Any] | None = None,
+                overrides: Overrides | None = None) -> ExperimentConfig:
+    """Read a YAML experiment (or take a mapping, or the defaults) and apply overrides (`--set`
+    strings or a {"a.b": value} mapping), validating once."""
     raw: dict[str, Any] = {}
     origin = "defaults"
-    if path is not None:
+    if isinstance(path, dict):
+        raw, origin = copy.deepcopy(path), "a mapping"
+    elif path is not None:
         origin = str(path)
         if not Path(path).is_file():
             raise ConfigError(f"config file not found: {path}")
@@ -356,7 +380,7 @@ def load_config(path: Path | None = None, overrides: list[str] | None = None) ->
         raw = loaded
     if overrides:
         raw = apply_overrides(raw, overrides)
-        origin += " with --set " + " ".join(overrides)
+        origin += " with --set " + " ".join(item for item, _, _ in _override_items(overrides))
     try:
         return ExperimentConfig.model_validate(raw)
     except ValidationError as err:

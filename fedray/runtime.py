@@ -535,13 +535,15 @@ class DriverCoordinator:
 
 
 def coordinator_in_driver(rt: RuntimeConfig) -> bool:
-    """Whether this run hosts its coordinator in the driver: a local Ray (no runtime.address,
-    no RAY_ADDRESS), not inside a Tune trial's placement group, no resources asked for the
-    coordinator, and no GPU visible to the driver (a coordinator actor without GPUs evaluates
+    """Whether this run hosts its coordinator in the driver: `runtime.coordinator: driver`, or
+    (auto) a local Ray (no runtime.address, no RAY_ADDRESS), not inside a Tune trial's
+    placement group, no resources asked for the coordinator, and no GPU visible to the driver (a coordinator actor without GPUs evaluates
     on the CPU; so does this one)."""
-    if rt.address or os.environ.get("RAY_ADDRESS"):
-        return False
     if ray.is_initialized() and get_current_placement_group() is not None:
+        return False
+    if rt.coordinator != "auto":  # a cluster job whose driver holds the run folder's volume
+        return rt.coordinator == "driver"
+    if rt.address or os.environ.get("RAY_ADDRESS"):
         return False
     if rt.coordinator_num_cpus or rt.coordinator_num_gpus:
         return False
