@@ -95,6 +95,33 @@ def site_table(hospitals: dict[str, dict]) -> str | None:
     return "\n".join(lines)
 
 
+def evaluate_at_sites(config: ExperimentConfig, weights: dict, split: str = "test",
+                      work_dir: Path | None = None) -> dict[str, dict]:
+    """Score one model at every site of `config` (site mode) on its local `split`: each site's
+    hospital evaluates it where the data lives and sends counts; returns per-site metrics and
+    the pooled ones under "pooled". For local-only baselines and models made elsewhere."""
+    import tempfile
+    from collections import OrderedDict
+
+    from fedray import runtime
+    from fedray.metrics import add_stats, metrics_from_stats
+
+    if config.data.source != "sites":
+        raise ConfigError("evaluate_at_sites needs data.source: sites")
+    runtime.init_ray(config.runtime)
+    with tempfile.TemporaryDirectory(dir=work_dir) as scratch:
+        pool = runtime.RayPool(config, None, Path(scratch))
+        try:
+            pool.wait_ready()
+            stats = {h: st for h, st in pool.evaluate(OrderedDict(weights), split).items() if st}
+        finally:
+            pool.kill()
+    out = {h: metrics_from_stats(st, list(CLASSES)) for h, st in sorted(stats.items())}
+    if stats:
+        out["pooled"] = metrics_from_stats(add_stats(list(stats.values())), list(CLASSES))
+    return out
+
+
 def record_sites(hospitals: dict[str, dict], run_dir: Path) -> None:
     """The sites' class tables (counts, as they sent them) in the run folder (data/sites.json)."""
     counts = {name: info.get("splits") for name, info in sorted(hospitals.items())}
