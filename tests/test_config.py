@@ -41,6 +41,34 @@ def test_overrides_keep_yaml_types() -> None:
     assert c.data.augment is False and c.model.backbone == "resnet18"
 
 
+
+def test_overrides_as_a_mapping_keep_python_values() -> None:
+    """A {"a.b": value} mapping is not re-read as YAML: the string "1e-3" stays a string (and
+    fails as a learning rate), a float stays the float it is, a "yes" name stays "yes"."""
+    c = load_config(None, {"federation.rounds": 3, "training.lr": 1e-3, "data.augment": False,
+                           "name": "yes"})
+    assert c.federation.rounds == 3 and c.training.lr == 1e-3
+    assert c.data.augment is False and c.name == "yes"
+    with pytest.raises(ConfigError, match="valid string"):  # as a string, YAML reads true
+        load_config(None, ["name=yes"])
+    with pytest.raises(ConfigError, match=r"training\.lr"):
+        load_config(None, {"training.lr": [1e-3]})
+    with pytest.raises(ConfigError, match="empty key"):
+        load_config(None, {"": 1})
+
+
+def test_a_mapping_config_equals_its_yaml_and_is_left_untouched() -> None:
+    from_file = load_config(ROOT / "configs" / "demo.yaml", ["federation.rounds=2"])
+    raw = from_file.model_dump(mode="json")
+    before = repr(raw)
+    from_dict = load_config(raw, {"federation.rounds": 2, "training.lr": 0.5})
+    assert repr(raw) == before  # the caller's mapping is not changed
+    assert from_dict.training.lr == 0.5
+    assert from_dict.model_copy(update={"training": from_file.training}) == from_file
+    with pytest.raises(ConfigError, match=r"invalid config \(a mapping"):
+        load_config({"training": {"learning_rate": 0.1}})
+
+
 def test_unknown_key_names_its_path(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("training:\n  learning_rate: 0.1\n")

@@ -164,11 +164,14 @@ class Sweep:
         return not any(_under(k, f) for k in self.config.space for f in SHARD_FIELDS)
 
 
+def _plain(value: Any) -> Any:
+    """A Python value for the config: Tune's samplers give numpy scalars."""
+    return value.item() if hasattr(value, "item") else value
+
+
 def _override(key: str, value: Any) -> str:
-    """`key=value` as `--set` reads it back (YAML): 1e-05 stays a float, 'on' a string."""
-    if hasattr(value, "item"):  # numpy scalars from Tune's samplers
-        value = value.item()
-    text = yaml.safe_dump(value, default_flow_style=True, width=1 << 30).strip()
+    """`key=value` as `--set` would write it (YAML), for messages: 1e-05, 'on'."""
+    text = yaml.safe_dump(_plain(value), default_flow_style=True, width=1 << 30).strip()
     return f"{key}={text.removesuffix('...').strip()}"
 
 
@@ -202,7 +205,7 @@ def load_sweep(path: Path, overrides: list[str] | None = None) -> Sweep:
     for item in overrides or []:
         keys, value = parse_override(item)
         config.overrides = {**config.overrides, ".".join(keys): value}
-    sets = [_override(k, v) for k, v in config.overrides.items()]
+    sets = dict(config.overrides)
     base = _absolute_paths(load_config(config.base, sets))
     if not base.data.split.val > 0:
         raise SweepError("a sweep ranks trials on validation metrics: the base's "
@@ -210,7 +213,7 @@ def load_sweep(path: Path, overrides: list[str] | None = None) -> Sweep:
     for key, dim in config.space.items():
         for value in dim.extremes():
             try:
-                load_config(config.base, sets + [_override(key, value)])
+                load_config(config.base, {**sets, key: _plain(value)})
             except ConfigError as exc:
                 raise SweepError(f"{path}: space.{key}: {value!r} does not make a valid "
                                  f"experiment:\n{exc}") from None

@@ -4,18 +4,19 @@ run reporting every round to Tune), and the sweep folder's storage (local or a U
 from __future__ import annotations
 
 import math
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from fedray.config import ConfigError, ExperimentConfig, load_config
 from fedray.experiments.tune.config import (
-    BASE_FILE,
     FINAL_KEYS,
     VAL_KEYS,
     SweepError,
     _override,
+    _plain,
 )
 
 # A hospital's CPUs in a sweep when runtime.hospital_num_cpus is unset: a trial's share must be
@@ -85,15 +86,13 @@ def trial_outgrows_cluster(bundles: list[dict[str, float]],
 
 def trial_config(base_yaml: str, params: dict[str, Any]) -> ExperimentConfig:
     """The base experiment with a trial's sampled values, validated by load_config."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / BASE_FILE
-        path.write_text(base_yaml)
-        sets = [_override(k, v) for k, v in sorted(params.items())]
-        try:
-            return load_config(path, sets)
-        except ConfigError as exc:
-            raise ConfigError(f"the trial's values {' '.join(sets)} do not make a valid "
-                              f"experiment:\n{exc}") from None
+    values = {k: _plain(v) for k, v in sorted(params.items())}
+    try:
+        return load_config(yaml.safe_load(base_yaml), values)
+    except ConfigError as exc:
+        sets = " ".join(_override(k, v) for k, v in values.items())
+        raise ConfigError(f"the trial's values {sets} do not make a valid "
+                          f"experiment:\n{exc}") from None
 
 
 def round_metrics(record: dict, run_dir: str) -> dict:
