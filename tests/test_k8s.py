@@ -660,12 +660,14 @@ def test_hospital_data_is_read_only_and_claims_exist():
             assert set(c["claimName"] for c in volumes.values()) <= claims
             for mount in (m for c in spec["containers"] for m in c.get("volumeMounts", [])):
                 claim = volumes[mount["name"]]
-                if claim["claimName"] == "fedray-hospital-data" or doc["kind"] == "RayService":
+                if claim["claimName"] in READ_ONLY_CLAIMS or doc["kind"] == "RayService" or \
+                        (site_claim(claim["claimName"]) or ("", ""))[1] == "data":
                     assert mount.get("readOnly") and claim.get("readOnly"), \
                         f"{doc['metadata']['name']} mounts {mount['mountPath']} writable"
-    for job in (d for d in docs if d["kind"] == "RayJob"):
+    for job in (d for d in docs if d["kind"] == "RayJob"):  # images: pooled, or at the sites
         mounts = {m["mountPath"] for c in containers(job) for m in c.get("volumeMounts", [])}
-        assert {"/app/data", "/app/runs"} <= mounts, job["metadata"]["name"]
+        assert "/app/runs" in mounts and ("/app/data" in mounts or SITE_DATA in mounts), \
+            job["metadata"]["name"]
 
 
 def test_one_pinned_image_everywhere():
@@ -694,6 +696,306 @@ def test_dockerfile_matches_pyproject():
         for item in map(ROOT.joinpath, source.split()):
             assert item.is_file() or any(p.is_file() for p in item.rglob("*")), \
                 f"the Dockerfile copies {item.relative_to(ROOT)}, which holds no file"
+
+
+# --- sites: each hospital's images stay on its own site's pod ------------------------------
+
+SITE_DATA, SITE_STATE = "/app/site", "/app/site-state"
+READ_ONLY_CLAIMS = {"fedray-hospital-data", "fedray-weights"}  # shared, never written by a job
+HEAD_SITE_CLAIMS = {"fedray-runs", "fedray-weights"}  # all a site cluster's head may mount
+SITE_CLAIM = re.compile(r"fedray-site-([a-z0-9]+)-(data|state)")
+SITE_GROUP = re.compile(r"site-([a-z0-9]+)")
+SHELLS = ("storage-shell.yaml", "site-shell.yaml")
+
+
+def site_claim(name: str) -> tuple[str, str] | None:
+    """(site, 'data' or 'state') of a site's claim; None for a shared one."""
+    match = SITE_CLAIM.fullmatch(name)
+    return (match[1], match[2]) if match else None
+
+
+def mounted_claims(spec: dict) -> dict[str, list[tuple[str, bool]]]:
+    """Each claim a pod spec mounts: its (mountPath, read-only in both mount and claim)."""
+    volumes = {v["name"]: v["persistentVolumeClaim"] for v in spec.get("volumes", [])
+               if "persistentVolumeClaim" in v}
+    out: dict[str, list[tuple[str, bool]]] = {}
+    for c in spec["containers"] + spec.get("initContainers", []):
+        for m in c.get("volumeMounts", []):
+            if m["name"] in volumes:
+                claim = volumes[m["name"]]
+                out.setdefault(claim["claimName"], []).append(
+                    (m["mountPath"], bool(m.get("readOnly")) and bool(claim.get("readOnly"))))
+    return out
+
+
+def advertised(group: dict) -> dict[str, int]:
+    """The custom Ray resources a group's pods advertise, read as Ray's KubeRay autoscaler
+    reads them (rayStartParams.resources in KubeRay's '"{\\"X\\": 1}"' format, or the
+    group's own resources field); a value in any other format raises."""
+    from ray.autoscaler._private.kuberay.autoscaling_config import _get_custom_resources
+
+    return _get_custom_resources(group.get("resources", {}), group.get("rayStartParams", {}),
+                                 group.get("groupName", "head"))
+
+
+def site_groups(doc: dict) -> dict[str, dict]:
+    """The worker groups named site-X of a Ray object, by site X."""
+    return {m[1]: g for g in cluster_spec(doc).get("workerGroupSpecs", [])
+            if (m := SITE_GROUP.fullmatch(g["groupName"]))}
+
+
+def site_problems(docs: list[dict]) -> list[str]:
+    """No pod mounts two sites' volumes; a site's volumes are mounted only by its worker
+    group site-X (data read-only at /app/site, state writable at /app/site-state), which
+    advertises exactly its hospital's resource hospital_X through rayStartParams; heads mount
+    no site volume, and a site cluster's head nothing but the runs volume and the weights."""
+    problems = []
+    for doc in docs:
+        name = f"{doc['kind']}/{doc['metadata']['name']}"
+        if doc["kind"] == "Pod":
+            pods = [("pod", None, doc["spec"])]
+        elif doc["kind"] in CRD_FILES:
+            spec = cluster_spec(doc)
+            pods = [("head", spec["headGroupSpec"], spec["headGroupSpec"]["template"]["spec"])]
+            pods += [(g["groupName"], g, g["template"]["spec"])
+                     for g in spec.get("workerGroupSpecs", [])]
+            pods += [("submitter", None, t["spec"]) for t in find(doc, "submitterPodTemplate")]
+        else:
+            continue
+        is_site_cluster = doc["kind"] in CRD_FILES and bool(site_groups(doc))
+        for group_name, group, spec in pods:
+            where = f"{name} {group_name}"
+            claims = mounted_claims(spec)
+            sites = sorted({s[0] for c in claims if (s := site_claim(c))})
+            if len(sites) > 1:
+                problems.append(f"{where}: mounts the volumes of sites {', '.join(sites)}")
+            resources: dict[str, int] = {}
+            if group is not None:
+                try:
+                    resources = advertised(group)
+                except Exception as exc:  # noqa: BLE001 - Ray's parser raises anything
+                    problems.append(f"{where}: rayStartParams.resources "
+                                    f"{group['rayStartParams'].get('resources')!r} is not in "
+                                    f"KubeRay's format ({type(exc).__name__}: {exc})")
+            own = SITE_GROUP.fullmatch(group_name) if group_name not in ("head", "pod") else None
+            if group_name == "pod":
+                continue
+            if own is None:
+                if sites:
+                    problems.append(f"{where}: mounts site {', '.join(sites)}'s volumes, "
+                                    "but it is no site's worker group")
+                hospitals = sorted(k for k in resources if k.startswith("hospital_"))
+                if hospitals:
+                    problems.append(f"{where}: advertises {', '.join(hospitals)}, but it is "
+                                    "no site's worker group")
+                if group_name == "head" and is_site_cluster and set(claims) - HEAD_SITE_CLAIMS:
+                    problems.append(f"{where}: the head of a site cluster mounts "
+                                    f"{sorted(set(claims) - HEAD_SITE_CLAIMS)}, not only "
+                                    f"{sorted(HEAD_SITE_CLAIMS)}")
+                continue
+            site = own[1]
+            expected = {f"hospital_{site}": 1}
+            if resources != expected:
+                problems.append(f"{where}: advertises {resources}, not {expected}")
+            if "resources" in group:
+                problems.append(f"{where}: sets the group's resources field, which overrides "
+                                "rayStartParams.resources")
+            if set(sites) - {site}:
+                problems.append(f"{where}: mounts site {', '.join(sorted(set(sites) - {site}))}'s "
+                                "volumes")
+            data = claims.get(f"fedray-site-{site}-data", [])
+            state = claims.get(f"fedray-site-{site}-state", [])
+            if data != [(SITE_DATA, True)]:
+                problems.append(f"{where}: mounts fedray-site-{site}-data as {data}, not "
+                                f"read-only at {SITE_DATA}")
+            if [path for path, read_only in state if not read_only] != [SITE_STATE] or \
+                    len(state) != 1:
+                problems.append(f"{where}: mounts fedray-site-{site}-state as {state}, not "
+                                f"writable at {SITE_STATE}")
+            shared_writable = [c for c, ms in claims.items()
+                               if not site_claim(c) and any(not ro for _, ro in ms)]
+            if shared_writable:
+                problems.append(f"{where}: a site's pod writes the shared {shared_writable}")
+    return problems
+
+
+def train_site_problems(docs: list[dict]) -> list[str]:
+    """The training job runs a site config whose every site has its worker group (found by
+    the resource its hospital is pinned to) with the site's folders where that group mounts
+    them, the coordinator in the driver, and the run folder on the head's runs volume; each
+    hospital fits its own site's node and no other."""
+    from fedray.config import load_config
+    from fedray.runtime import hospital_placements, unplaceable
+
+    (job,) = [d for d in docs if d["kind"] == "RayJob" and d["metadata"]["name"] == "fedray-train"]
+    words, path, overrides = config_argument(job["spec"]["entrypoint"])
+    config = load_config(ROOT / path, overrides)
+    if config.data.source != "sites":
+        return [f"{path}: data.source is {config.data.source!r}, not 'sites'"]
+    problems = []
+    if not config.runtime.pin_hospitals_to_nodes:
+        problems.append(f"{path}: runtime.pin_hospitals_to_nodes is false")
+    if config.runtime.coordinator != "driver":
+        problems.append(f"{path}: runtime.coordinator is {config.runtime.coordinator!r}, "
+                        "not 'driver' (an actor would run on a site's pod)")
+    spec = cluster_spec(job)
+    head = spec["headGroupSpec"]
+    runs = [p for c, ms in mounted_claims(head["template"]["spec"]).items() if c == "fedray-runs"
+            for p, ro in ms if not ro]
+    output = Path(words[words.index("--output-dir") + 1]) if "--output-dir" in words else None
+    if output is None or not any(output.is_relative_to(r) for r in runs):
+        problems.append(f"fedray-train: --output-dir {output} is not on the head's runs "
+                        f"volume {runs}")
+    groups = spec.get("workerGroupSpecs", [])
+    by_resource = {}
+    for group in groups:
+        try:
+            for key in advertised(group):
+                by_resource.setdefault(key, []).append(group)
+        except Exception:  # noqa: BLE001 - site_problems names the format
+            continue
+    for hospital, site in sorted(config.data.sites.items()):
+        found = by_resource.get(hospital, [])
+        if len(found) != 1:
+            problems.append(f"{path}: {len(found)} worker groups advertise {hospital}, not one")
+            continue
+        claims = mounted_claims(found[0]["template"]["spec"])
+        mounts = {c: [p for p, _ in ms] for c, ms in claims.items()}
+        for folder, kind in ((site.path, "data"), (site.state_dir, "state")):
+            at = [Path(p) for c, ps in mounts.items() if site_claim(c) and site_claim(c)[1] == kind
+                  for p in ps]
+            if folder is None or not any(Path(folder).is_relative_to(p) for p in at):
+                problems.append(f"{path}: {hospital}'s {kind} folder {folder} is not on "
+                                f"{found[0]['groupName']}'s site {kind} volume {at}")
+    # Ray's view of the cluster as it starts: each node's CPUs, GPUs and custom resources.
+    nodes, owners = [], []
+    for group in [head] + groups:
+        cpus, gpus = ray_capacity(group)
+        try:
+            custom = advertised(group)
+        except Exception:  # noqa: BLE001
+            custom = {}
+        for _ in range(1 if group is head else group["replicas"]):
+            nodes.append({"CPU": cpus, "GPU": gpus, **custom})
+            owners.append(group.get("groupName", "head"))
+    names = sorted(config.data.sites)
+    try:
+        placements = hospital_placements(config.runtime, names, nodes)
+    except Exception as exc:  # noqa: BLE001
+        return problems + [f"{path}: {exc}"]
+    demands = {n: p.demand() for n, p in placements.items()}
+    problems += [f"fedray-train: {msg}" for msg in unplaceable(demands, nodes).values()]
+    for hospital, demand in demands.items():
+        hosts = {owners[i] for i, n in enumerate(nodes)
+                 if all(n.get(k, 0.0) >= v for k, v in demand.items())}
+        expected = {f"site-{hospital.removeprefix('hospital_')}"}
+        if hosts and hosts != expected:
+            problems.append(f"fedray-train: {hospital} ({demand}) may run on {sorted(hosts)}, "
+                            f"not only {sorted(expected)}")
+    return problems
+
+
+def with_shells(docs: list[dict]) -> list[dict]:
+    return docs + [d for name in SHELLS for d in load_docs(K8S / name)]
+
+
+@pytest.mark.parametrize("source", ["base", *OVERLAYS])
+def test_each_site_keeps_its_own_volumes(source):
+    docs = base_docs() if source == "base" else render(K8S / "overlays" / source)
+    problems = site_problems(with_shells(docs))
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("source", ["base", *OVERLAYS])
+def test_site_clusters_have_one_worker_group_per_site(source):
+    """The training job's and the standalone cluster's workers are the four sites' groups,
+    and nothing else: a group without a site would host whatever Ray sends it."""
+    docs = base_docs() if source == "base" else render(K8S / "overlays" / source)
+    for doc in ray_docs(docs):
+        if doc["metadata"]["name"] in ("fedray-train", "fedray") and doc["kind"] != "RayService":
+            groups = [g["groupName"] for g in cluster_spec(doc)["workerGroupSpecs"]]
+            assert groups == [f"site-{s}" for s in "abcd"], f"{doc['kind']}: {groups}"
+            assert all(g["maxReplicas"] == 1 for g in cluster_spec(doc)["workerGroupSpecs"]), \
+                f"{doc['kind']}: one pod per site"
+
+
+def test_site_claims_exist_and_shells_mount_one_site():
+    claims = {d["metadata"]["name"] for d in base_docs() if d["kind"] == "PersistentVolumeClaim"}
+    for s in "abcd":
+        assert {f"fedray-site-{s}-data", f"fedray-site-{s}-state"} <= claims
+    for name in SHELLS:
+        (pod,) = load_docs(K8S / name)
+        used = set(mounted_claims(pod["spec"]))
+        assert used <= claims, f"{name} mounts {used - claims}, which storage.yaml lacks"
+        assert len({site_claim(c)[0] for c in used if site_claim(c)}) <= 1, name
+
+
+def test_every_site_of_the_train_config_has_its_worker_group(overlay):
+    name, docs = overlay
+    problems = train_site_problems(docs)
+    assert not problems, f"{name}:\n" + "\n".join(problems)
+
+
+def _train(docs):
+    return cluster_spec(next(d for d in docs if d["metadata"]["name"] == "fedray-train"))
+
+
+def _site_group(docs, site):
+    return next(g for g in _train(docs)["workerGroupSpecs"] if g["groupName"] == f"site-{site}")
+
+
+def _mount_site_on_head(docs):
+    spec = _train(docs)["headGroupSpec"]["template"]["spec"]
+    spec["volumes"].append({"name": "site-a-data", "persistentVolumeClaim":
+                            {"claimName": "fedray-site-a-data", "readOnly": True}})
+    spec["containers"][0]["volumeMounts"].append(
+        {"name": "site-a-data", "mountPath": "/app/site", "readOnly": True})
+
+
+def _claim(docs, site, volume, claim):
+    spec = _site_group(docs, site)["template"]["spec"]
+    next(v for v in spec["volumes"] if v["name"] == volume)["persistentVolumeClaim"]["claimName"] \
+        = claim
+
+
+SITE_GAPS = {  # one mistake each, and the words that must name it
+    "head-mounts-a-site": (_mount_site_on_head, "fedray-train head: mounts site a's volumes"),
+    "two-sites-in-one-pod": (lambda docs: _claim(docs, "a", "site-state", "fedray-site-b-state"),
+                             "site-a: mounts the volumes of sites a, b"),
+    "another-sites-resource": (
+        lambda docs: _site_group(docs, "b")["rayStartParams"].update(
+            resources='"{\\"hospital_a\\": 1}"'),
+        "site-b: advertises {'hospital_a': 1}, not {'hospital_b': 1}"),
+    "plain-json-resources": (
+        lambda docs: _site_group(docs, "c")["rayStartParams"].update(
+            resources='{"hospital_c": 1}'),
+        "site-c: rayStartParams.resources '{\"hospital_c\": 1}' is not in KubeRay's format"),
+    "writable-site-data": (
+        lambda docs: _site_group(docs, "d")["template"]["spec"]["containers"][0]
+        ["volumeMounts"][0].pop("readOnly"),
+        "mounts fedray-site-d-data as [('/app/site', False)]"),
+    "site-without-group": (
+        lambda docs: _train(docs)["workerGroupSpecs"].pop(),
+        "0 worker groups advertise hospital_d, not one"),
+    "coordinator-in-an-actor": (
+        lambda docs: next(d for d in docs if d["metadata"]["name"] == "fedray-train")["spec"]
+        .update(entrypoint="fedray train --config configs/sites-k8s.yaml "
+                           "--set runtime.coordinator=actor --output-dir /app/runs"),
+        "runtime.coordinator is 'actor'"),
+    "run-folder-off-the-volume": (
+        lambda docs: next(d for d in docs if d["metadata"]["name"] == "fedray-train")["spec"]
+        .update(entrypoint="fedray train --config configs/sites-k8s.yaml --output-dir runs"),
+        "--output-dir runs is not on the head's runs volume"),
+}
+
+
+@pytest.mark.parametrize("gap", list(SITE_GAPS))
+def test_a_site_gap_is_named(gap):
+    edit, expected = SITE_GAPS[gap]
+    docs = copy.deepcopy(base_docs())
+    edit(docs)
+    problems = site_problems(docs) + train_site_problems(docs)
+    assert any(expected in p for p in problems), "\n".join(problems) or "no problem found"
 
 
 # --- locked down: token auth, NetworkPolicies, non-root pods, bounded disk -----------------
