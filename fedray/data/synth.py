@@ -34,15 +34,19 @@ synth --sites K``) makes data on which methods can differ:
   manifest with a ``site`` column for ``partition.scheme: by-group``.
 * Overlapping blasts. Early, Pre and Pro are immunophenotypes, not shapes: at difficulty
   ``d`` each blast patient's morphology is its subtype's blended toward one other subtype by
-  a share drawn in ``[0, 0.55 d]`` (:func:`patient_look`), so patients near the top are
+  a share drawn in ``[0, 0.5 d]`` (:func:`patient_look`), so patients near the top are
   ambiguous. Benign borrows at most ``0.15 d`` and stays distinct.
 * Label noise (``label_noise``): exactly that share of each site's images gets a random
   other label; ``label`` and the class folder hold the recorded label, ``true_label`` and
   ``patient`` the truth (the catalog sees a relabelled image as its own group).
 * ``difficulty`` runs from 0 (no overlap, every site scans alike) to 2; 1 is the default of
   :func:`generate_sites` and is calibrated by ``benchmarks/synth_calibration.py`` (3 sites,
-  1500 images at 64 px, 30% of each site's patients held out; see
-  ``benchmarks/results/synth_calibration.json``).
+  1500 images at 64 px, 30% of each site's patients held out, seed 0; figures in
+  ``benchmarks/results/synth_calibration.json``): a centralized smallcnn (15 epochs) scores
+  0.83 balanced accuracy on held-out patients (0.64 to 0.91 by site), logistic regression
+  on mean RGB 0.14 for the class but 0.86 for the site (chance 0.25 and 0.33), and a
+  smallcnn trained on one site alone 0.71 on its own site against 0.50 on the others.
+  The test set is 24 patients, so read these to about +-0.05.
 """
 
 from __future__ import annotations
@@ -744,8 +748,10 @@ def write_folder(table: pa.Table, out_dir: Path) -> Path:
 
 # At difficulty 1, the largest share of another subtype's morphology one patient's cells take
 # (drawn uniformly up to it): Early, Pre and Pro are immunophenotypes, not shapes, so their
-# looks overlap; a patient past one half looks more like the other subtype than its own.
-_BLAST_OVERLAP = 0.55
+# looks overlap; a patient near one half is as like the other subtype as its own, and at
+# difficulty above 1 some look more like it. 0.5 puts a centralized smallcnn at 64 px in
+# 0.80-0.90 balanced accuracy (benchmarks/synth_calibration.py).
+_BLAST_OVERLAP = 0.5
 # Benign cells borrow much less from a blast look: mature lymphocytes stay recognisable.
 _BENIGN_OVERLAP = 0.15
 # Per-image wobble of that share around the patient's own (standard deviation).
@@ -785,7 +791,7 @@ def patient_look(
     """The morphology one patient's cells are drawn from at ``difficulty`` (0 = the class's own).
 
     A blast patient's look is its subtype's, blended toward one other blast subtype by a
-    share drawn uniformly in ``[0, 0.55 * difficulty]`` (from ``patient_rng``, so a patient
+    share drawn uniformly in ``[0, 0.5 * difficulty]`` (from ``patient_rng``, so a patient
     keeps its look), wobbled per image (``image_rng``). Benign borrows at most
     ``0.15 * difficulty`` from a random blast look.
     """
