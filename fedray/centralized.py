@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import ConcatDataset, DataLoader
 
 from fedray import engine
-from fedray.artifacts import checkpoint
+from fedray.artifacts import checkpoint, run_folder
 from fedray.client import input_size
 from fedray.config import ExperimentConfig
 from fedray.data.labels import CLASSES
@@ -73,7 +73,7 @@ def train_loop(loop_config: dict) -> None:
             if val is not None:
                 v = _evaluate(plain, val, config, device)
                 record["val"] = {k: v[k] for k in ("loss", "accuracy", "balanced_accuracy", "macro_f1")}
-            with open(run_dir / "metrics.jsonl", "a") as f:
+            with open(run_dir / run_folder.METRICS_JSONL, "a") as f:
                 f.write(json.dumps(record) + "\n")
         ray.train.report({"epoch": epoch, "train_loss": stats.loss})
     if rank == 0:
@@ -83,8 +83,8 @@ def train_loop(loop_config: dict) -> None:
             final["val"] = _evaluate(plain, val, config, device)
         test = ShardDataset.from_parquet(shards.path(shards.test), size, eval_preset(size))
         final["test"] = _evaluate(plain, test, config, device)
-        checkpoint.save_weights(to_numpy(plain.state_dict()), run_dir / "model.safetensors")
-        (run_dir / "metrics.json").write_text(json.dumps(final, indent=2))
+        checkpoint.save_weights(to_numpy(plain.state_dict()), run_dir / run_folder.MODEL)
+        (run_dir / run_folder.METRICS).write_text(json.dumps(final, indent=2))
 
 
 def run_centralized(config: ExperimentConfig, shards: ShardSet, run_dir: Path,
@@ -94,8 +94,8 @@ def run_centralized(config: ExperimentConfig, shards: ShardSet, run_dir: Path,
     from ray.train.torch import TorchTrainer
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(config.to_yaml())
-    (run_dir / "metrics.jsonl").write_text("")
+    (run_dir / run_folder.CONFIG).write_text(config.to_yaml())
+    (run_dir / run_folder.METRICS_JSONL).write_text("")
     use_gpu = config.runtime.hospital_num_gpus > 0
     trainer = TorchTrainer(
         train_loop,
@@ -107,7 +107,7 @@ def run_centralized(config: ExperimentConfig, shards: ShardSet, run_dir: Path,
     )
     start = time.perf_counter()
     trainer.fit()
-    final = json.loads((run_dir / "metrics.json").read_text())
+    final = json.loads((run_dir / run_folder.METRICS).read_text())
     final["seconds"] = time.perf_counter() - start
-    (run_dir / "metrics.json").write_text(json.dumps(final, indent=2))
+    (run_dir / run_folder.METRICS).write_text(json.dumps(final, indent=2))
     return final

@@ -279,7 +279,7 @@ def cmd_cv(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from fedray.evaluate import evaluate_run
+    from fedray.artifacts.run_folder import evaluate_run
     from fedray.metrics import format_table
 
     metrics = evaluate_run(args.run, args.split)

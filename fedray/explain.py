@@ -26,6 +26,7 @@ from captum.attr import IntegratedGradients, LayerAttribution, LayerGradCam, Lim
 from PIL import Image
 from torch import Tensor, nn
 
+from fedray.artifacts import run_folder
 from fedray.artifacts.model import LoadedModel
 from fedray.data.labels import CLASSES
 from fedray.models import BACKBONES
@@ -462,36 +463,31 @@ def contact_sheet(tiles: list[np.ndarray], titles: list[str], path: Path, column
 def _find_run_dir(source: Path) -> Path | None:
     """The run folder `source` denotes: itself, or the run above a weights file in it."""
     if source.is_dir():
-        return source if (source / "config.yaml").is_file() else None
+        return source if run_folder.is_run(source) else None
     if source.is_file() and source.suffix == ".safetensors":
         # model.safetensors sits in the run; global.safetensors in checkpoints/round_N/.
         for parent in list(source.parents)[:3]:
-            if (parent / "config.yaml").is_file():
+            if run_folder.is_run(parent):
                 return parent
     return None
 
 
 def _load_run(source: Path) -> LoadedModel:
     """Rebuild the run's architecture from config.yaml and load its weights, as evaluate does."""
-    from fedray.artifacts import checkpoint
     from fedray.client import input_size
-    from fedray.config import load_config
-    from fedray.evaluate import run_weights
-    from fedray.messages import to_torch
-    from fedray.models import build_model
 
     run_dir = _find_run_dir(source)
     if run_dir is None:
         raise ExplainError(f"{source}: no config.yaml found for this model")
-    config = load_config(run_dir / "config.yaml")
+    config = run_folder.load_run_config(run_dir)
     try:
-        weights = source if source.is_file() else run_weights(run_dir)
+        weights = source if source.is_file() else run_folder.run_weights(run_dir)
     except FileNotFoundError as exc:
         raise ExplainError(f"{source}: run folder has no weights ({exc})") from exc
     m = config.model
-    model = build_model(m.backbone, num_classes=len(CLASSES), dp_safe=m.dp_safe, dropout=m.dropout)
+    model = run_folder.build_run_model(m)
     try:
-        model.load_state_dict(to_torch(checkpoint.load_weights(weights)))
+        run_folder.load_weights_into(model, weights)
     except Exception as exc:  # wrong or corrupt file: name it
         raise ExplainError(f"{weights}: cannot load into {m.backbone!r} ({exc})") from exc
     return LoadedModel(model=model.eval(), backbone=m.backbone, image_size=input_size(config),

@@ -311,7 +311,7 @@ def _epsilons(run_dir: Path) -> dict[str, Any]:
 def _data_summary(run_dir: Path) -> dict[str, Any]:
     """Images per hospital and split: the run's own shards', or those of the shards it was
     given (a sweep's, cross-validation's), which experiment.run records."""
-    from fedray.experiment import SHARDS_USED
+    from fedray.artifacts.run_folder import SHARDS_USED
 
     for shards in (run_dir / "data" / "shards.json", run_dir / SHARDS_USED):
         if shards.is_file():
@@ -351,7 +351,7 @@ def _script(model: nn.Module, image_size: int, path: Path) -> float:
 def _validation_shard(run_dir: Path) -> Path | None:
     """The run's validation shard: its own (data/), or that of the shards it was given."""
     from fedray.data.shards import ShardSet
-    from fedray.experiment import SHARDS_USED
+    from fedray.artifacts.run_folder import SHARDS_USED
 
     roots = [run_dir / "data"]
     used = run_dir / SHARDS_USED
@@ -487,7 +487,7 @@ def _write_package(run_dir: Path, output: Path, *, name: str | None, version: st
     from fedray.config import load_config
     from fedray.data.labels import CLASSES
     from fedray.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-    from fedray.evaluate import run_weights
+    from fedray.artifacts.run_folder import run_weights
     import torch
 
     output = output.expanduser().resolve()

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fedray.artifacts.run_folder import REPORT, run_weights
 from fedray.data.labels import CLASSES
-from fedray.evaluate import run_weights
 from fedray.metrics import classification_metrics
 from fedray.report.checks import (
     SHORTCUT_MARGIN,
@@ -73,7 +73,7 @@ def build_report(run_dir: Path, out_dir: Path | None = None, *,
     """Write report.html (self-contained), report.md, report.json and the PNGs; return the
     HTML and Markdown paths. `explanations` is how many test images get a Grad-CAM overlay."""
     run = Run.load(Path(run_dir))
-    out = Path(out_dir) if out_dir is not None else run.dir / "report"
+    out = Path(out_dir) if out_dir is not None else run.dir / REPORT
     out.mkdir(parents=True, exist_ok=True)
     for name in REPORT_PNGS:  # a rebuilt report must not keep an old run's pictures around
         (out / name).unlink(missing_ok=True)

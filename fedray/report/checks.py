@@ -13,9 +13,9 @@ import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
 
+from fedray.artifacts.run_folder import LOCAL_MODEL, hospital_dir, run_weights
 from fedray.data.labels import CLASS_INDEX
 from fedray.data.shards import ShardSet
-from fedray.evaluate import run_weights
 from fedray.metrics import _balanced_accuracy
 from fedray.report.run import Evaluator, Run
 
@@ -152,7 +152,7 @@ def cross_site_matrix(run: Run, ev: Evaluator) -> CrossSite:
         columns, files = [*columns, "global val"], [*files, run.shards.val]
     weights = {"global": run_weights(run.dir)}
     for h in run.hospitals:
-        weights[f"local {h}"] = run.dir / "hospitals" / h / "local_model.safetensors"
+        weights[f"local {h}"] = hospital_dir(run.dir, h) / LOCAL_MODEL
     rows = list(weights)
     sizes = [len(ev.dataset(f)) for f in files]
     acc = np.full((len(rows), len(columns)), np.nan)

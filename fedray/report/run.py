@@ -10,13 +10,11 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from fedray import engine
-from fedray.artifacts import checkpoint
+from fedray.artifacts import run_folder
 from fedray.client import input_size
-from fedray.config import ExperimentConfig, load_config
+from fedray.config import ExperimentConfig
 from fedray.data.shards import ShardDataset, ShardSet
 from fedray.data.transforms import eval_preset
-from fedray.messages import to_torch
-from fedray.models import build_model
 
 
 @dataclass
@@ -32,15 +30,15 @@ class Run:
     @classmethod
     def load(cls, run_dir: Path) -> Run:
         run_dir = Path(run_dir)
-        if not (run_dir / "config.yaml").is_file():
+        if not run_folder.is_run(run_dir):
             raise FileNotFoundError(f"{run_dir}: no config.yaml (is it a run folder?)")
-        jsonl = run_dir / "metrics.jsonl"
+        jsonl = run_dir / run_folder.METRICS_JSONL
         records = ([json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
                    if jsonl.is_file() else [])
-        final_path = run_dir / "metrics.json"
+        final_path = run_dir / run_folder.METRICS
         final = json.loads(final_path.read_text()) if final_path.is_file() else {}
-        return cls(run_dir, load_config(run_dir / "config.yaml"),
-                   ShardSet.load(run_dir / "data"), records, final)
+        return cls(run_dir, run_folder.load_run_config(run_dir),
+                   ShardSet.load(run_dir / run_folder.DATA), records, final)
 
     @property
     def name(self) -> str:
@@ -67,10 +65,8 @@ class Evaluator:
         return self._datasets[file]
 
     def model(self, weights: Path) -> nn.Module:
-        m = self.run.config.model
-        model = build_model(m.backbone, dp_safe=m.dp_safe, dropout=m.dropout)
-        model.load_state_dict(to_torch(checkpoint.load_weights(weights)))
-        return model.to(self.device).eval()
+        model = run_folder.build_run_model(self.run.config.model)
+        return run_folder.load_weights_into(model, weights).to(self.device).eval()
 
     def predict(self, model: nn.Module, file: str) -> engine.Predictions:
         loader = DataLoader(self.dataset(file), batch_size=self.run.config.training.eval_batch_size)
