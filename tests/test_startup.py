@@ -82,16 +82,21 @@ def test_coordinator_stays_an_actor_on_a_cluster_or_with_resources(monkeypatch) 
 
 
 @pytest.mark.ray
-def test_run_records_its_startup(ray_session, tmp_path: Path) -> None:
+@pytest.mark.parametrize("overrides", [{}, {"runtime.coordinator_num_cpus": 0.5}],
+                         ids=["coordinator-in-driver", "coordinator-actor"])
+def test_run_records_its_startup(ray_session, tmp_path: Path, overrides: dict) -> None:
     from fedray import experiment
 
     lines: list[str] = []
-    result = experiment.run(tiny_config(tmp_path), log=lines.append)
+    config = tiny_config(tmp_path, **overrides)
+    result = experiment.run(config, log=lines.append)
     startup = json.loads((result.run_dir / experiment.STARTUP).read_text())
     assert startup == result.startup
     assert set(startup["hospitals"]) == {"hospital_a", "hospital_b"}
     assert startup["to_first_round_s"] <= result.seconds
     assert all(h["ready_s"] >= h["init_s"] > 0 for h in startup["hospitals"].values())
-    assert startup["coordinator_in"] in ("driver", "actor")
+    assert startup["coordinator_in"] == (
+        "driver" if runtime.coordinator_in_driver(config.runtime) else "actor")
+    assert result.final["test"]["accuracy"] >= 0
     assert any(line.startswith("start-up: first round after") for line in lines)
     assert "to the first round" in next(x for x in lines if x.startswith("finished:"))
