@@ -227,12 +227,14 @@ def startup_times(launched: float, times: dict[str, float | None]) -> dict[str, 
     `to_init_s`: from its launch (the .remote() call) to its __init__ running: a worker
     process started or taken from the idle pool, fedray imported, the arguments unpickled.
     `init_s`: its own __init__ (shard decoding, model build). `ready_s`: the two together.
-    `prestarted`: the worker process existed before the launch (Ray's idle pool).
+    `prestarted`: the worker process existed well before the launch (Ray's idle pool); a
+    process's start time is read from the kernel's clock, which may differ from time.time()
+    by a fraction of a second, so one started within a second of the launch is not counted.
     """
     begun, ready, process = times["init_start"], times["ready"], times.get("process_start")
     return {"to_init_s": max(0.0, begun - launched), "init_s": ready - begun,
             "ready_s": max(0.0, ready - launched),
-            "prestarted": process is not None and process < launched}
+            "prestarted": process is not None and process < launched - 1.0}
 
 
 class HospitalActor(HospitalClient):
@@ -418,6 +420,12 @@ class RayPool:
             print(f"federated evaluation ({split}): {failure.message}", flush=True)
         return out
 
+    def ask(self, method: str, *args) -> dict[str, object]:
+        """Call one method on every hospital at once (arguments put in the store once)."""
+        refs = [ray.put(a) for a in args]
+        return dict(zip(self.names, ray.get([getattr(self.actors[n], method).remote(*refs)
+                                             for n in self.names])))
+
     def image_hashes(self) -> dict[str, list[str]]:
         return dict(zip(self.names, ray.get([self.actors[n].image_hashes.remote()
                                              for n in self.names])))
@@ -589,6 +597,34 @@ def launch_coordinator(config: ExperimentConfig, run_dir: Path, shards: ShardSet
     remote = ray.remote(CoordinatorHost).options(max_restarts=0, **options)
     return CoordinatorActor(remote.remote(config, str(run_dir), shard_root, pool, resume,
                                           threads, time.time()))
+
+
+def evaluate_at_sites(config: ExperimentConfig, weights: dict, split: str = "test",
+                      work_dir: Path | None = None) -> dict[str, dict]:
+    """Score one model at every site of `config` (site mode) on its local `split`: each site's
+    hospital evaluates it where the data lives and sends counts; returns per-site metrics and
+    the pooled ones under "pooled". For local-only baselines and models made elsewhere."""
+    import tempfile
+    from collections import OrderedDict
+
+    from fedray.config import ConfigError
+    from fedray.data.labels import CLASSES
+    from fedray.metrics import add_stats, metrics_from_stats
+
+    if config.data.source != "sites":
+        raise ConfigError("evaluate_at_sites needs data.source: sites")
+    init_ray(config.runtime)
+    with tempfile.TemporaryDirectory(dir=work_dir) as scratch:
+        pool = RayPool(config, None, Path(scratch))
+        try:
+            pool.wait_ready()
+            stats = {h: st for h, st in pool.evaluate(OrderedDict(weights), split).items() if st}
+        finally:
+            pool.kill()
+    out = {h: metrics_from_stats(st, list(CLASSES)) for h, st in sorted(stats.items())}
+    if stats:
+        out["pooled"] = metrics_from_stats(add_stats(list(stats.values())), list(CLASSES))
+    return out
 
 
 def call(handle_method, *args, timeout: float | None = None):
