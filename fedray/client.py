@@ -127,7 +127,15 @@ class HospitalClient:
         data = self.eval_data.get(split)
         if data is None:
             return None
-        if self._eval_model is None:  # the training model keeps its own state (FedBN's layers)
+        model = self._model_with(weights)
+        t = self.config.training
+        loader = DataLoader(data, batch_size=t.eval_batch_size, shuffle=False)
+        pred = engine.predict(model, loader, self.device, amp=t.amp, channels_last=t.channels_last)
+        return sufficient_stats(pred.labels, pred.probs, pred.loss * len(pred.labels), len(CLASSES))
+
+    def _model_with(self, weights: OrderedDict) -> torch.nn.Module:
+        """A model for evaluation with `weights`; the training model keeps its own state."""
+        if self._eval_model is None:
             m = self.config.model
             self._eval_model = build_model(m.backbone, dp_safe=m.dp_safe,
                                            dropout=m.dropout).to(self.device)
@@ -135,12 +143,27 @@ class HospitalClient:
         if self._norm_keys:  # FedBN: the global model with this hospital's own norm layers
             own = self.model.state_dict()
             incoming.update({k: own[k] for k in self._norm_keys if k in own})
-        model = self._eval_model
-        model.load_state_dict(incoming)
-        t = self.config.training
-        loader = DataLoader(data, batch_size=t.eval_batch_size, shuffle=False)
-        pred = engine.predict(model, loader, self.device, amp=t.amp, channels_last=t.channels_last)
-        return sufficient_stats(pred.labels, pred.probs, pred.loss * len(pred.labels), len(CLASSES))
+        self._eval_model.load_state_dict(incoming)
+        return self._eval_model.eval()
+
+    def ood_class_sums(self, weights: OrderedDict) -> dict | None:
+        """First OOD-calibration message: per-class sums of unit features on the local
+        validation split, and counts (fedray.artifacts.ood)."""
+        from fedray.artifacts import ood
+
+        data = self.eval_data.get("val")
+        if data is None:
+            return None
+        return ood.class_sums(self._model_with(weights), data, len(CLASSES))
+
+    def ood_histogram(self, weights: OrderedDict, centroids) -> list[int] | None:
+        """Second message: the local validation images' OOD scores as counts over fixed bins."""
+        from fedray.artifacts import ood
+
+        data = self.eval_data.get("val")
+        if data is None:
+            return None
+        return ood.score_histogram(self._model_with(weights), data, centroids)
 
     def image_hashes(self) -> list[str]:
         """The sha256 of this site's images (opt-in: data.cross_site_duplicates), never images."""

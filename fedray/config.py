@@ -65,8 +65,9 @@ class SiteConfig(_Strict):
     path: Path = Field(..., description="image folder (any recognised layout) or a prepared "
                                         "folder, on the hospital's node")
     state_dir: Path | None = Field(
-        None, description="where the hospital keeps its optimizer state, ledger and local model; "
-                          "default: .fedray-state/<run> inside its site folder")
+        None, description="where the hospital keeps its optimizer state, ledger and local model, "
+                          "one subfolder per run (<state_dir>/<run folder name>); default: "
+                          ".fedray-state inside its site folder")
 
 
 class DataConfig(_Strict):

@@ -49,6 +49,8 @@ class HospitalPool(Protocol):
 
     def evaluate(self, weights: OrderedDict, split: str) -> dict[str, dict | None]: ...
 
+    def ask(self, method: str, *args) -> dict[str, object]: ...
+
 
 class LocalPool:
     """Hospitals as plain objects in this process: for tests and single-process debugging."""
@@ -84,6 +86,9 @@ class LocalPool:
 
     def evaluate(self, weights: OrderedDict, split: str) -> dict[str, dict | None]:
         return {name: client.evaluate(weights, split) for name, client in self.clients.items()}
+
+    def ask(self, method: str, *args) -> dict[str, object]:
+        return {name: getattr(client, method)(*args) for name, client in self.clients.items()}
 
     def image_hashes(self) -> dict[str, list[str]]:
         return {name: client.image_hashes() for name, client in self.clients.items()}
@@ -314,8 +319,10 @@ class Coordinator:
             if split == "val":
                 return None
             raise RuntimeError(f"no hospital could evaluate on its local {split} split")
-        pooled = metrics_from_stats(add_stats(list(stats.values())), list(CLASSES))
+        total = add_stats(list(stats.values()))
+        pooled = metrics_from_stats(total, list(CLASSES))
         pooled["sites"] = {h: metrics_from_stats(st, list(CLASSES)) for h, st in stats.items()}
+        pooled["stats"] = total  # the pooled counts: the report draws ROC curves from them
         return pooled
 
     def finish(self) -> dict:
@@ -331,6 +338,7 @@ class Coordinator:
             final.update(_per_site(final))
             if self.config.data.cross_site_duplicates:
                 final["cross_site_duplicates"] = cross_site_duplicates(self.pool.image_hashes())
+            self._calibrate_ood()
         final["privacy"] = self.privacy_summary()
         if self.skipped:
             final["resume_skipped"] = self.skipped
@@ -338,6 +346,22 @@ class Coordinator:
         self.pool.save_local_models()
         atomic.write_json(self.run_dir / "metrics.json", final)
         return final
+
+    def _calibrate_ood(self) -> None:
+        """Federated OOD calibration of the best model on the sites' validation splits (two
+        messages of counts and sums per site); `fedray export` reads ood.json from the run."""
+        from fedray.artifacts import ood
+
+        sums = [p for p in self.pool.ask("ood_class_sums", self.best_weights).values() if p]
+        if not sums:
+            return
+        centroids, present = ood.centroids_from_sums(sums)
+        hists = [h for h in self.pool.ask("ood_histogram", self.best_weights,
+                                          centroids).values() if h]
+        checkpoint.save_weights({"centroids": centroids}, self.run_dir / OOD_CENTROIDS)
+        atomic.write_json(self.run_dir / OOD_CALIBRATION, {
+            "classes": [CLASSES[c] for c in present], "histogram": np.sum(hists, axis=0).tolist(),
+            "bins": ood.SCORE_BINS, "score_max": ood.SCORE_MAX, "sites": len(hists)})
 
     def privacy_summary(self) -> dict:
         """What the run's DP means, read from the hospitals' own ledgers (which count every
@@ -464,6 +488,7 @@ class Coordinator:
 
 
 SERVER_LEDGER = "server_ledger.json"
+OOD_CALIBRATION, OOD_CENTROIDS = "ood.json", "ood_centroids.safetensors"
 NOT_A_GUARANTEE = ("privacy.reproducible_noise is on: the DP noise can be recomputed from the "
                    "config, so epsilon is NOT a privacy guarantee (debugging only)")
 

@@ -73,6 +73,33 @@ def prepare_data(config: ExperimentConfig, run_dir: Path,
     return shards
 
 
+SIMULATED_SITES = "sites"
+
+
+def simulate_sites(config: ExperimentConfig, run_dir: Path,
+                   log: Callable[[str], None]) -> ExperimentConfig:
+    """One training path: a pooled source (synth, folder, prepared) is divided into one site
+    folder per hospital inside the run (`fedray data split-sites`, the simulation tool), and
+    the run goes on in site mode, each hospital reading only its folder. A resumed run finds
+    its site folders in place."""
+    from fedray.config import SiteConfig
+    from fedray.data import partition, sites
+
+    root = run_dir / SIMULATED_SITES
+    names = partition.hospital_names(config.federation.hospitals)
+    if not all((root / name / sites.MANIFEST).is_file() for name in names):
+        start = time.perf_counter()
+        table = load_source(config.data, config.seed)
+        sites.split_sites(table, config.data, config.federation.hospitals, config.seed, root)
+        log(f"data: {table.num_rows} images from '{config.data.source}' divided into "
+            f"{len(names)} site folders in {time.perf_counter() - start:.1f}s "
+            f"({config.data.partition.scheme} partition; whole patients per site)")
+    data = config.data.model_copy(update={
+        "source": "sites",
+        "sites": {n: SiteConfig(path=root / n, state_dir=run_dir / "hospitals" / n) for n in names}})
+    return config.model_copy(update={"data": data})
+
+
 def record_shards(shards: ShardSet, run_dir: Path) -> None:
     """Note which shards a run trained on, and what they hold, in its own folder (the model
     card's per-hospital table reads it)."""
@@ -97,29 +124,10 @@ def site_table(hospitals: dict[str, dict]) -> str | None:
 
 def evaluate_at_sites(config: ExperimentConfig, weights: dict, split: str = "test",
                       work_dir: Path | None = None) -> dict[str, dict]:
-    """Score one model at every site of `config` (site mode) on its local `split`: each site's
-    hospital evaluates it where the data lives and sends counts; returns per-site metrics and
-    the pooled ones under "pooled". For local-only baselines and models made elsewhere."""
-    import tempfile
-    from collections import OrderedDict
-
+    """Score one model at every site (see fedray.runtime.evaluate_at_sites)."""
     from fedray import runtime
-    from fedray.metrics import add_stats, metrics_from_stats
 
-    if config.data.source != "sites":
-        raise ConfigError("evaluate_at_sites needs data.source: sites")
-    runtime.init_ray(config.runtime)
-    with tempfile.TemporaryDirectory(dir=work_dir) as scratch:
-        pool = runtime.RayPool(config, None, Path(scratch))
-        try:
-            pool.wait_ready()
-            stats = {h: st for h, st in pool.evaluate(OrderedDict(weights), split).items() if st}
-        finally:
-            pool.kill()
-    out = {h: metrics_from_stats(st, list(CLASSES)) for h, st in sorted(stats.items())}
-    if stats:
-        out["pooled"] = metrics_from_stats(add_stats(list(stats.values())), list(CLASSES))
-    return out
+    return runtime.evaluate_at_sites(config, weights, split, work_dir)
 
 
 def record_sites(hospitals: dict[str, dict], run_dir: Path) -> None:
@@ -188,6 +196,8 @@ def run(config: ExperimentConfig, *, output_dir: Path | None = None, resume: Pat
 
     start = time.perf_counter()
     run_dir = Path(resume).resolve() if resume else new_run_dir(config, output_dir)
+    if shards is None and config.data.source != "sites":
+        config = simulate_sites(config, run_dir, log)
     atomic.write_text(run_dir / "config.yaml", config.to_yaml())
     log(f"run folder: {run_dir}")
     if on_start:

@@ -18,15 +18,20 @@ pytestmark = pytest.mark.ray
 
 
 def test_two_hospitals_one_round_on_ray(ray_session, tmp_path: Path) -> None:
+    """`fedray train` on a pooled source divides it into site folders inside the run, then
+    trains in site mode: each hospital reads its own folder; metrics are pooled from counts."""
     config = tiny_config(tmp_path)
     lines: list[str] = []
     result = experiment.run(config, log=lines.append)
     run = result.run_dir
     assert run.parent == tmp_path
     for name in ("config.yaml", "metrics.jsonl", "metrics.json", "model.safetensors",
-                 "data/shards.json", "data/hospital_a.parquet", "data/test.parquet"):
+                 "sites/hospital_a/manifest.parquet", "sites/hospital_b/manifest.parquet",
+                 "data/sites.json", "ood.json"):
         assert (run / name).is_file(), name
-    assert load_config(run / "config.yaml") == config
+    saved = load_config(run / "config.yaml")
+    assert saved.data.source == "sites" and sorted(saved.data.sites) == ["hospital_a", "hospital_b"]
+    assert saved.model == config.model and saved.federation == config.federation
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 1 and records[0]["completed"] == ["hospital_a", "hospital_b"]
     assert records[0]["num_samples"] == sum(h["num_samples"] for h in records[0]["hospitals"].values())
@@ -35,12 +40,14 @@ def test_two_hospitals_one_round_on_ray(ray_session, tmp_path: Path) -> None:
                 "kappa", "confusion_matrix", "per_class"):
         assert key in final["test"], key
     n_test = sum(sum(row) for row in final["test"]["confusion_matrix"])
-    shards = json.loads((run / "data/shards.json").read_text())
-    assert n_test == sum(shards["counts"]["test"].values())
+    counts = json.loads((run / "data/sites.json").read_text())["sites"]
+    assert n_test == sum(sum(c["test"].values()) for c in counts.values())
+    assert set(final["sites"]) == {"hospital_a", "hospital_b"} and final["worst_site"]
     assert any(line.startswith("round 1/1 | hospitals 2/2") for line in lines)
+    assert any(line.startswith("site split") for line in lines)
     assert (run / "checkpoints" / "round_0001" / "global.safetensors").is_file()
-    assert (run / "hospitals" / "hospital_a" / "local_model.safetensors").is_file()
-    assert set(shards["local_val"]) == {"hospital_a", "hospital_b"}
+    # hospital state stays with the site's state (here the simulated site's, in the run)
+    assert (run / "hospitals" / "hospital_a" / run.name / "local_model.safetensors").is_file()
 
 
 def test_hospitals_are_separate_processes_with_matched_threads(ray_session, tmp_path) -> None:

@@ -37,6 +37,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from fedray.artifacts.ood import last_linear as _last_linear  # noqa: F401
+from fedray.artifacts.ood import logits_and_features as _logits_and_features
+from fedray.artifacts.ood import ood_scores
+
 if TYPE_CHECKING:  # torch loads only when a package is made or used, not for the CLI's parser
     import torch
     from torch import Tensor, nn
@@ -50,6 +54,7 @@ SCRIPTED = "model.ts"
 CONFIG = "config.yaml"
 OOD = "ood.safetensors"
 OOD_QUANTILE = 0.99
+OOD_CALIBRATION, OOD_CENTROIDS = "ood.json", "ood_centroids.safetensors"  # a site run's
 SCRIPT_TOLERANCE = 1e-4
 # card fields the loader and the service read: (dotted path, type); a card without one is refused
 REQUIRED_FIELDS: tuple[tuple[str, type | tuple[type, ...]], ...] = (
@@ -198,36 +203,6 @@ class ModelPackage:
                            image_size=self.image_size, classes=self.classes, source=self.path)
 
 
-def _last_linear(model: nn.Module) -> nn.Module:
-    """The classifier's final Linear layer: its input is the feature vector OOD scores use."""
-    from torch import nn
-
-    linear = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    if not linear:
-        raise PackageError(f"{type(model).__name__} has no Linear layer: no features to score")
-    return linear[-1]
-
-
-def _logits_and_features(model: nn.Module, batch: Tensor) -> tuple[Tensor, Tensor]:
-    """One forward pass of an eager model, keeping the input of its last Linear layer."""
-    seen: dict[str, Tensor] = {}
-    handle = _last_linear(model).register_forward_pre_hook(
-        lambda module, args: seen.__setitem__("features", args[0]))
-    try:
-        logits = model(batch)
-    finally:
-        handle.remove()
-    return logits, seen["features"]
-
-
-def ood_scores(features: Tensor, centroids: Tensor) -> Tensor:
-    """Distance from each L2-normalised feature row to the nearest class centroid."""
-    import torch
-
-    unit = torch.nn.functional.normalize(features.float(), dim=1)
-    return torch.cdist(unit, centroids.to(unit.device).float()).min(dim=1).values
-
-
 def _build_eager(folder: Path, card: dict) -> nn.Module:
     from fedray.artifacts import checkpoint
     from fedray.messages import to_torch
@@ -293,9 +268,20 @@ def _source_run(source: str | Path) -> tuple[Path, Path | None]:
 
 
 def _epsilons(run_dir: Path) -> dict[str, Any]:
-    """Cumulative epsilon per hospital (and the server's, for DP-FedAvg) at the end of the run."""
-    history = run_dir / "metrics.jsonl"
+    """Cumulative epsilon per hospital (and the server's, for DP-FedAvg) at the end of the run:
+    from the hospitals' own ledgers (metrics.json's privacy object, which also counts a round
+    whose update arrived too late), else from the last round records (older runs)."""
     out: dict[str, Any] = {}
+    try:
+        privacy = json.loads((run_dir / "metrics.json").read_text()).get("privacy") or {}
+    except (OSError, ValueError):
+        privacy = {}
+    if privacy.get("hospitals") or privacy.get("client_level"):
+        out = {h: m["epsilon"] for h, m in sorted((privacy.get("hospitals") or {}).items())}
+        if privacy.get("client_level"):
+            out["server (client-level)"] = privacy["client_level"].get("epsilon")
+        return out
+    history = run_dir / "metrics.jsonl"
     if not history.is_file():
         return out
     for line in history.read_text().splitlines():
@@ -308,6 +294,38 @@ def _epsilons(run_dir: Path) -> dict[str, Any]:
     return out
 
 
+def _privacy_statement(run_dir: Path, sweep_total: dict | None) -> dict[str, Any]:
+    """What the card's epsilon means: the unit, the accountant, whether the noise was seeded
+    (then it is no guarantee), and a sweep's total over all its trials."""
+    try:
+        privacy = json.loads((run_dir / "metrics.json").read_text()).get("privacy") or {}
+    except (OSError, ValueError):
+        privacy = {}
+    statement = {k: privacy.get(k) for k in ("unit", "accountant", "reproducible_noise",
+                                             "guarantee", "warning") if k in privacy}
+    if sweep_total:
+        statement["sweep_total"] = {h: v["epsilon_total"]
+                                    for h, v in sweep_total.get("hospitals", {}).items()}
+        statement["sweep_total_composition"] = sweep_total.get("composition")
+    return statement
+
+
+def _federated_ood(run_dir: Path, quantile: float) -> tuple[dict, np.ndarray]:
+    """The card's `ood` entry from a site-mode run's federated calibration (ood.json: the
+    pooled score histogram of the sites' validation images; the centroids beside it)."""
+    from fedray.artifacts import checkpoint, ood
+
+    calibration = json.loads((run_dir / OOD_CALIBRATION).read_text())
+    centroids = checkpoint.load_weights(run_dir / OOD_CENTROIDS)["centroids"]
+    entry = ood.threshold_from_histograms([calibration["histogram"]], quantile)
+    return {"score": "feature_distance",
+            "definition": "min over classes c of ||f/|f| - mu_c||: f the input of the last Linear "
+                          "layer, mu_c the mean normalised f of the validation images of class c "
+                          f"(pooled over {calibration['sites']} sites, federated)",
+            "quantile": quantile, "file": OOD, "classes": calibration["classes"],
+            **entry}, centroids
+
+
 def _data_summary(run_dir: Path) -> dict[str, Any]:
     """Images per hospital and split: the run's own shards', or those of the shards it was
     given (a sweep's, cross-validation's), which experiment.run records."""
@@ -316,6 +334,10 @@ def _data_summary(run_dir: Path) -> dict[str, Any]:
     for shards in (run_dir / "data" / "shards.json", run_dir / SHARDS_USED):
         if shards.is_file():
             return json.loads(shards.read_text()).get("counts", {})
+    sites = run_dir / "data" / "sites.json"
+    if sites.is_file():  # site mode: the counts each site sent of its local splits
+        return {f"{h} {split}": counts for h, splits in json.loads(sites.read_text())["sites"].items()
+                for split, counts in (splits or {}).items()}
     return {"note": "shards were made outside the run folder; counts not recorded"}
 
 
@@ -440,8 +462,16 @@ def _card_markdown(card: dict) -> str:
              f"({tr['stop_reason']})",
              f"- differential privacy: {tr['privacy']}"]
     if tr["epsilon"]:
-        lines.append("- cumulative epsilon: " + ", ".join(
+        lines.append("- cumulative epsilon (each hospital's ledger): " + ", ".join(
             f"{k} {('%.2f' % v) if isinstance(v, (int, float)) else v}" for k, v in tr["epsilon"].items()))
+    detail = tr.get("privacy_detail") or {}
+    if detail.get("unit"):
+        lines.append(f"- privacy unit: {detail['unit']}; accountant {detail.get('accountant')}")
+    if detail.get("warning"):
+        lines.append(f"- **{detail['warning']}**")
+    if detail.get("sweep_total"):
+        lines.append("- total epsilon over every trial of the sweep: " + ", ".join(
+            f"{k} {v:.2f}" for k, v in detail["sweep_total"].items()))
     lines += ["", "### Images per hospital and split", "", *_counts_markdown(card["data"], m["classes"]),
               "", "## Out-of-distribution inputs", "", *_ood_markdown(card["ood"]),
               "", "## Metrics", "", card["metrics"]["note"], "", "```",
@@ -472,16 +502,20 @@ def export_package(source: str | Path, output: Path, *, name: str | None = None,
     if unknown:
         raise PackageError(f"unknown export format(s) {sorted(unknown)}: use torchscript or none")
     run_dir, download = _source_run(source)
+    best = _read(f"{source}/best.json") if _read(f"{source}/{CONFIG}") is None else None
+    sweep_total = json.loads(best).get("privacy_total") if best else None
     try:
         return _write_package(run_dir, Path(output), name=name, version=version,
-                              formats=formats, ood_quantile=ood_quantile)
+                              formats=formats, ood_quantile=ood_quantile,
+                              sweep_total=sweep_total)
     finally:
         if download is not None:
             shutil.rmtree(download, ignore_errors=True)
 
 
 def _write_package(run_dir: Path, output: Path, *, name: str | None, version: str | None,
-                   formats: tuple[str, ...], ood_quantile: float) -> Path:
+                   formats: tuple[str, ...], ood_quantile: float,
+                   sweep_total: dict | None = None) -> Path:
     from fedray import __version__
     from fedray.client import input_size
     from fedray.config import load_config
@@ -528,6 +562,7 @@ def _write_package(run_dir: Path, output: Path, *, name: str | None, version: st
                 "privacy": ("DP-SGD in each hospital" if config.privacy.enabled else "none")
                 + ("; client-level DP-FedAvg" if config.federation.strategy.name == "dpfedavg" else ""),
                 "epsilon": _epsilons(run_dir),
+                "privacy_detail": _privacy_statement(run_dir, sweep_total),
             },
             "data": _data_summary(run_dir),
             "metrics": {"note": (f"best round's global model on the run's held-out splits (split "
@@ -537,8 +572,11 @@ def _write_package(run_dir: Path, output: Path, *, name: str | None, version: st
             "config_sha256": config_hash(config),
         }
         model = _build_eager(tmp, card)
-        card["ood"], centroids = _calibrate_ood(model, _validation_shard(run_dir), size,
-                                                list(CLASSES), ood_quantile)
+        if (run_dir / OOD_CALIBRATION).is_file() and _validation_shard(run_dir) is None:
+            card["ood"], centroids = _federated_ood(run_dir, ood_quantile)
+        else:
+            card["ood"], centroids = _calibrate_ood(model, _validation_shard(run_dir), size,
+                                                    list(CLASSES), ood_quantile)
         if centroids is not None:
             from fedray.artifacts import checkpoint
 

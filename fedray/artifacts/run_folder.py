@@ -96,6 +96,21 @@ def model_from_run(run_dir: Path, which: Literal["best"] | Path = "best") -> nn.
     return load_weights_into(build_run_model(load_run_config(run_dir).model), weights)
 
 
+def _evaluate_at_sites(run_dir: Path, config: ExperimentConfig, split: str) -> dict:
+    """A site-mode run's model, evaluated where the data lives: each site's hospital scores it
+    on its local split and sends counts; pooled metrics with `sites` beside them."""
+    from fedray import runtime
+    from fedray.artifacts import checkpoint
+
+    scores = runtime.evaluate_at_sites(config, checkpoint.load_weights(run_weights(run_dir)),
+                                       split, work_dir=run_dir)
+    if "pooled" not in scores:
+        raise ValueError(f"{run_dir}: no site holds a local '{split}' split")
+    metrics = {**scores.pop("pooled"), "sites": scores}
+    evaluation_path(run_dir, split).write_text(json.dumps(metrics, indent=2))
+    return metrics
+
+
 def evaluate_run(run_dir: Path, split: str = "test") -> dict:
     """Evaluate a finished (or stopped) run's global model on one of its held-out shards."""
     from torch.utils.data import DataLoader
@@ -109,6 +124,8 @@ def evaluate_run(run_dir: Path, split: str = "test") -> dict:
 
     run_dir = Path(run_dir)
     config = load_run_config(run_dir)
+    if config.data.source == "sites" and not (run_dir / DATA / SHARDS).is_file():
+        return _evaluate_at_sites(run_dir, config, split)
     shards = ShardSet.load(run_dir / DATA)
     file = shards.test if split == "test" else shards.val
     if file is None:

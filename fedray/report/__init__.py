@@ -77,6 +77,10 @@ def build_report(run_dir: Path, out_dir: Path | None = None, *,
     out.mkdir(parents=True, exist_ok=True)
     for name in REPORT_PNGS:  # a rebuilt report must not keep an old run's pictures around
         (out / name).unlink(missing_ok=True)
+    if run.site_mode:
+        from fedray.report.sites import build_site_report
+
+        return build_site_report(run, out)
     ev = Evaluator(run)
     model = ev.model(run_weights(run.dir))
     pred = ev.predict(model, run.shards.test)

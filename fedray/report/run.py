@@ -23,7 +23,7 @@ class Run:
 
     dir: Path
     config: ExperimentConfig
-    shards: ShardSet
+    shards: ShardSet | None
     records: list[dict]
     final: dict
 
@@ -37,8 +37,14 @@ class Run:
                    if jsonl.is_file() else [])
         final_path = run_dir / run_folder.METRICS
         final = json.loads(final_path.read_text()) if final_path.is_file() else {}
-        return cls(run_dir, run_folder.load_run_config(run_dir),
-                   ShardSet.load(run_dir / run_folder.DATA), records, final)
+        data = run_dir / run_folder.DATA
+        shards = (ShardSet.load(data) if (data / run_folder.SHARDS).is_file()
+                  else None)  # a site-mode run holds no shard: the sites kept their data
+        return cls(run_dir, run_folder.load_run_config(run_dir), shards, records, final)
+
+    @property
+    def site_mode(self) -> bool:
+        return self.shards is None and self.config.data.source == "sites"
 
     @property
     def name(self) -> str:
@@ -46,6 +52,8 @@ class Run:
 
     @property
     def hospitals(self) -> list[str]:
+        if self.shards is None:
+            return sorted(self.config.data.sites)
         return sorted(self.shards.hospitals)
 
 
