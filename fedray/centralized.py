@@ -4,6 +4,11 @@ hospital shards, data-parallel through Ray Train (TorchTrainer, one process per 
 It sees the same images for the same number of epochs as a federated run (rounds x local
 epochs), so the gap between the two is the cost of federation, not of a different budget.
 On a real cluster `run_dir` must be storage every worker can reach.
+
+In site mode (`run_centralized_sites`) the baseline is a simulation: the driver reads every
+site folder, splits each exactly as its hospital does (`split_site`, same seed), trains on the
+union of the local train splits and scores each site's local test split. No consortium could
+run it; it bounds what pooling the data would buy.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.data import ConcatDataset, DataLoader
+from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from fedray import engine
 from fedray.artifacts import checkpoint, run_folder
@@ -27,7 +32,7 @@ from fedray.metrics import classification_metrics
 from fedray.models import build_model
 
 
-def _evaluate(model: torch.nn.Module, dataset: ShardDataset, config: ExperimentConfig,
+def _evaluate(model: torch.nn.Module, dataset: Dataset, config: ExperimentConfig,
               device: torch.device) -> dict:
     loader = DataLoader(dataset, batch_size=config.training.eval_batch_size)
     pred = engine.predict(model, loader, device)
@@ -43,12 +48,15 @@ def train_loop(loop_config: dict) -> None:
 
     config = ExperimentConfig.model_validate(loop_config["config"])
     torch.set_num_threads(loop_config["threads"])
-    shards = ShardSet.load(Path(loop_config["shard_root"]))
+    files = loop_config["files"]
     run_dir = Path(loop_config["run_dir"])
     size, t, m = input_size(config), config.training, config.model
-    parts = [ShardDataset.from_parquet(shards.path(f), size, train_preset(size, config.data.augment),
-                                       expand_flips=config.data.flip_x4)
-             for _, f in sorted(shards.hospitals.items())]
+
+    def read(path: str) -> ShardDataset:
+        return ShardDataset.from_parquet(Path(path), size, eval_preset(size))
+
+    parts = [ShardDataset.from_parquet(Path(f), size, train_preset(size, config.data.augment),
+                                       expand_flips=config.data.flip_x4) for f in files["train"]]
     counts = sum(p.class_counts() for p in parts)
     loader = ray.train.torch.prepare_data_loader(
         DataLoader(ConcatDataset(parts), batch_size=t.batch_size, shuffle=True))
@@ -60,7 +68,7 @@ def train_loop(loop_config: dict) -> None:
     optimizer = engine.make_optimizer(model, t.lr, t.weight_decay)
     loss_fn = engine.make_loss(counts if t.class_weighted else None, t.label_smoothing).to(device)
     rank = ray.train.get_context().get_world_rank()
-    val = ShardDataset.from_parquet(shards.path(shards.val), size, eval_preset(size)) if shards.val else None
+    val = ConcatDataset([read(f) for f in files["val"]]) if files["val"] else None
     plain = model.module if hasattr(model, "module") else model
     epochs = config.federation.rounds * t.local_epochs
     for epoch in range(1, epochs + 1):
@@ -81,8 +89,15 @@ def train_loop(loop_config: dict) -> None:
                  "best_round": epochs}
         if val is not None:
             final["val"] = _evaluate(plain, val, config, device)
-        test = ShardDataset.from_parquet(shards.path(shards.test), size, eval_preset(size))
-        final["test"] = _evaluate(plain, test, config, device)
+        tests = {name: read(f) for name, f in files["test"].items()}
+        final["test"] = _evaluate(plain, ConcatDataset(list(tests.values())), config, device)
+        if files.get("sites"):
+            final["sites"] = {name: {"test": _evaluate(plain, data, config, device)}
+                              for name, data in tests.items()}
+            worst = min(final["sites"], key=lambda h: (
+                final["sites"][h]["test"]["balanced_accuracy"], h))
+            final["worst_site"] = {"hospital": worst, "balanced_accuracy":
+                                   final["sites"][worst]["test"]["balanced_accuracy"]}
         checkpoint.save_weights(to_numpy(plain.state_dict()), run_dir / run_folder.MODEL)
         (run_dir / run_folder.METRICS).write_text(json.dumps(final, indent=2))
 
@@ -90,6 +105,46 @@ def train_loop(loop_config: dict) -> None:
 def run_centralized(config: ExperimentConfig, shards: ShardSet, run_dir: Path,
                     workers: int = 2) -> dict:
     """Train centrally with `workers` Ray Train workers; returns what metrics.json holds."""
+    root = shards.root.resolve()
+    files = {"train": [str(root / f) for _, f in sorted(shards.hospitals.items())],
+             "val": [str(root / shards.val)] if shards.val else [],
+             "test": {"pooled": str(root / shards.test)}}
+    return _fit(config, files, run_dir, workers)
+
+
+def site_files(config: ExperimentConfig, out_dir: Path) -> dict:
+    """Every site's local train/val/test split, made as its hospital makes it (same seed),
+    written as parquet files for the Ray Train workers."""
+    import pyarrow.parquet as pq
+
+    from fedray.data.sites import read_site, split_site
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files: dict = {"train": [], "val": [], "test": {}, "sites": True}
+    for name, site in sorted(config.data.sites.items()):
+        table = read_site(site.path, config.data)
+        local = split_site(table, config.data, config.seed, f"site {name} ({site.path})")
+        for split, part in local.parts.items():
+            if not part.num_rows:
+                continue
+            path = out_dir / f"{name}-{split}.parquet"
+            pq.write_table(part.select(["path", "label", "group", "image"]), path)
+            if split == "test":
+                files["test"][name] = str(path.resolve())
+            else:
+                files[split].append(str(path.resolve()))
+    return files
+
+
+def run_centralized_sites(config: ExperimentConfig, run_dir: Path, workers: int = 2) -> dict:
+    """The pooled baseline in site mode (a simulation: the driver reads every site folder):
+    train on the union of the sites' local train splits, score every site's local test split
+    (metrics.json: pooled `test`, `sites.<h>.test`, `worst_site`)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return _fit(config, site_files(config, run_dir / "data"), run_dir, workers)
+
+
+def _fit(config: ExperimentConfig, files: dict, run_dir: Path, workers: int) -> dict:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -100,7 +155,7 @@ def run_centralized(config: ExperimentConfig, shards: ShardSet, run_dir: Path,
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"config": config.model_dump(mode="json"), "threads": 1,
-                           "shard_root": str(shards.root.resolve()), "run_dir": str(run_dir.resolve())},
+                           "files": files, "run_dir": str(run_dir.resolve())},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": 1} if not use_gpu else None),
         run_config=RunConfig(name="centralized", storage_path=str((run_dir / "ray_train").resolve())),

@@ -105,10 +105,17 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     train.add_argument("--report", action="store_true", help="write the HTML/Markdown report at the end")
     train.set_defaults(func=cmd_train)
 
-    compare = sub.add_parser("compare", help="several strategies (+DP, +centralized) on the same shards")
+    compare = sub.add_parser("compare", help="strategies, DP, pooled and local-only arms over "
+                                             "the same sites, over seeds, with 95%% intervals")
     _add_config_args(compare)
     compare.add_argument("--strategies", nargs="+", default=["fedavg"])
-    compare.add_argument("--dp", action="store_true", help="add FedAvg with DP-SGD in hospitals")
+    compare.add_argument("--dp", action="store_true",
+                         help="add FedAvg with DP-SGD in hospitals at --dp-epsilon")
+    compare.add_argument("--dp-epsilon", type=float, default=None,
+                         help="the DP arm's target epsilon (default: privacy.target_epsilon or 8)")
+    compare.add_argument("--local-only", action="store_true",
+                         help="add each hospital trained alone, scored at every site")
+    compare.add_argument("--seeds", type=int, default=1, help="runs per arm: seed..seed+N-1")
     _add_baseline_args(compare)
     compare.set_defaults(func=cmd_compare)
 
@@ -262,7 +269,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.overrides)
     folder = run_comparison(config, args.strategies, centralized=args.centralized, dp=args.dp,
-                            output_dir=args.output_dir, workers=args.workers)
+                            output_dir=args.output_dir, workers=args.workers,
+                            local_only=args.local_only, seeds=args.seeds,
+                            dp_epsilon=args.dp_epsilon)
     print(f"comparison: {folder / 'comparison.md'}")
     return 0
 

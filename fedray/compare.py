@@ -1,55 +1,191 @@
-"""Several federated variants (strategies, DP) and a centralized baseline on the same shards,
-with one table. The data is split and partitioned once, so the rows differ only in training.
+"""Arms of a federated comparison over the same hospital sites, each repeated over seeds.
+
+Arms: aggregation strategies, FedAvg with DP-SGD in every hospital, a pooled Ray Train
+baseline (a simulation: it reads every site folder) and each hospital trained alone. Every arm
+uses the same backbone, optimiser (AdamW at training.lr) and budget (rounds x local epochs);
+all arms of one seed see the same local splits. A non-site config is first divided into site
+folders (`split_sites`, the simulation tool) under the comparison folder, so there is one path.
+Intervals are t-based 95% intervals over seeds (Student t, n-1 degrees of freedom).
 """
 
 from __future__ import annotations
 
-import json
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
+
 from fedray import experiment
-from fedray.artifacts import atomic
-from fedray.config import ExperimentConfig
+from fedray.artifacts import atomic, checkpoint
+from fedray.config import ExperimentConfig, load_config
 from fedray.privacy.totals import total_epsilon
 
-COLUMNS = ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc_macro", "kappa")
+INTERVAL = "t-based 95% interval over seeds (Student t, n-1 dof)"
+DP_EPSILON = 8.0
+METRICS = {"test_balanced_accuracy": "balanced_accuracy", "test_macro_f1": "macro_f1",
+           "roc_auc_macro": "roc_auc_macro"}
+SUMMARY = ("test_balanced_accuracy", "worst_site_balanced_accuracy", "test_macro_f1",
+           "roc_auc_macro")
+LOCAL_ONLY = "local-only"
+CENTRALIZED = "centralized"
 
 
 def _variant(config: ExperimentConfig, name: str, updates: dict) -> ExperimentConfig:
-    data = config.model_dump()
-    for dotted, value in updates.items():
-        node = data
-        *parents, leaf = dotted.split(".")
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
-    data["name"] = name
-    return ExperimentConfig.model_validate(data)
+    return load_config(config.model_dump(mode="json"), {**updates, "name": name})
 
 
-def variants(config: ExperimentConfig, strategies: list[str], dp: bool) -> dict[str, ExperimentConfig]:
+def site_config(config: ExperimentConfig, folder: Path,
+                log: Callable[[str], None] = print) -> ExperimentConfig:
+    """The config in site mode: as given (site folders made absolute), or with its data divided
+    into one site folder per hospital under `folder` (by data.partition, patients together)."""
+    if config.data.source == "sites":  # folders named as absolute paths, as each run records
+        return _variant(config, config.name, {
+            f"data.sites.{h}.path": str(Path(site.path).expanduser().resolve())
+            for h, site in config.data.sites.items()})
+    from fedray.data.pipeline import load_source
+    from fedray.data.sites import split_sites
+
+    table = load_source(config.data, config.seed)
+    folders = split_sites(table, config.data, config.federation.hospitals, config.seed, folder)
+    log(f"data: {table.num_rows} images from '{config.data.source}' divided into "
+        f"{len(folders)} site folders ({config.data.partition.scheme} partition)")
+    data = config.model_dump(mode="json")
+    data["data"].update(source="sites", path=None,
+                        sites={h: {"path": str(p.resolve())} for h, p in folders.items()})
+    return load_config(data)
+
+
+def variants(config: ExperimentConfig, strategies: list[str], dp: bool,
+             dp_epsilon: float | None = None) -> dict[str, ExperimentConfig]:
+    """The federated arms: one per strategy, and FedAvg with DP-SGD at a target epsilon
+    (`dp_epsilon`, else privacy.target_epsilon, else 8; the noise solved for the planned
+    rounds x local epochs) when `dp`."""
     out = {s: _variant(config, s, {"federation.strategy.name": s}) for s in strategies}
     if dp:
         out["fedavg+dp"] = _variant(config, "fedavg-dp", {
-            "federation.strategy.name": "fedavg", "model.dp_safe": True, "privacy.enabled": True})
+            "federation.strategy.name": "fedavg", "model.dp_safe": True, "privacy.enabled": True,
+            "privacy.target_epsilon": dp_epsilon or config.privacy.target_epsilon or DP_EPSILON})
     return out
 
 
-def _row(name: str, final: dict, seconds: float, epsilon: float | None) -> dict:
-    row = {"variant": name, **{k: final["test"].get(k) for k in COLUMNS}, "seconds": seconds}
-    row["epsilon_max"] = epsilon
-    return row
+def local_config(config: ExperimentConfig, hospital: str) -> ExperimentConfig:
+    """A federation of one: only `hospital`'s site, the same budget and recipe."""
+    return _variant(config, f"local-{hospital}", {
+        "data.sites": {hospital: config.data.sites[hospital].model_dump(mode="json")},
+        "federation.hospitals": 1, "federation.min_clients": 1,
+        "federation.strategy.name": "fedavg"})
 
 
-def to_markdown(rows: list[dict]) -> str:
-    head = "| variant | " + " | ".join(COLUMNS) + " | max epsilon | seconds |"
-    lines = [head, "|" + "---|" * (len(COLUMNS) + 3)]
-    for r in rows:
-        cells = [f"{r[k]:.3f}" if r[k] is not None else "-" for k in COLUMNS]
-        eps = f"{r['epsilon_max']:.2f}" if r["epsilon_max"] is not None else "-"
-        lines.append(f"| {r['variant']} | " + " | ".join(cells) + f" | {eps} | {r['seconds']:.0f} |")
+def t_interval(values: list[float]) -> dict:
+    """Mean and t-based 95% interval (Student t, n-1 dof); one value gives [value, value]."""
+    from scipy import stats
+
+    xs = [float(v) for v in values if v is not None]
+    if not xs:
+        return {"mean": None, "ci95": [None, None], "values": [], "n": 0}
+    mean = float(np.mean(xs))
+    out = {"mean": mean, "ci95": [mean, mean], "values": xs, "n": len(xs)}
+    if len(xs) == 1:
+        out["single_seed"] = True  # no spread to estimate: the interval is the value
+        return out
+    half = float(stats.t.ppf(0.975, len(xs) - 1) * np.std(xs, ddof=1) / math.sqrt(len(xs)))
+    out["ci95"] = [mean - half, mean + half]
+    return out
+
+
+def _scores(final: dict) -> dict:
+    """One seed of a pooled or federated arm, from its metrics.json."""
+    test = final["test"]
+    out = {k: test.get(m) for k, m in METRICS.items()}
+    out["worst_site_balanced_accuracy"] = (final.get("worst_site") or {}).get("balanced_accuracy")
+    out["sites"] = {h: m["test"]["balanced_accuracy"]
+                    for h, m in sorted((final.get("sites") or {}).items()) if "test" in m}
+    return out
+
+
+def _local_scores(at_sites: dict[str, dict[str, dict]]) -> dict:
+    """One seed of local-only: `at_sites[h]` is hospital h's own model scored at every site
+    (evaluate_at_sites). Pooled scores are averaged over hospitals; `sites[s]` is the mean over
+    hospitals of their model at site s; own/other split it by whose site it is."""
+    hospitals = sorted(at_sites)
+    sites = sorted(s for s in at_sites[hospitals[0]] if s != "pooled")
+    out = {k: float(np.mean([at_sites[h]["pooled"][m] for h in hospitals]))
+           for k, m in METRICS.items()}
+    out["worst_site_balanced_accuracy"] = float(np.mean(
+        [min(at_sites[h][s]["balanced_accuracy"] for s in sites) for h in hospitals]))
+    out["sites"] = {s: float(np.mean([at_sites[h][s]["balanced_accuracy"] for h in hospitals]))
+                    for s in sites}
+    out["own_site_balanced_accuracy"] = float(np.mean(
+        [at_sites[h][h]["balanced_accuracy"] for h in hospitals]))
+    others = [at_sites[h][s]["balanced_accuracy"] for h in hospitals for s in sites if s != h]
+    out["other_site_balanced_accuracy"] = float(np.mean(others)) if others else None
+    out["by_hospital"] = {h: {s: at_sites[h][s]["balanced_accuracy"] for s in sites}
+                          for h in hospitals}
+    return out
+
+
+def summarize(seeds: list[dict]) -> dict:
+    """An arm's seeds as intervals (and per-site means)."""
+    keys = [k for k in seeds[0] if k not in ("sites", "by_hospital", "seconds", "epsilon_max")]
+    out = {k: t_interval([s[k] for s in seeds]) for k in keys}
+    out["sites"] = {h: float(np.mean([s["sites"][h] for s in seeds])) for h in seeds[0]["sites"]}
+    if "by_hospital" in seeds[0]:
+        first = seeds[0]["by_hospital"]
+        out["by_hospital"] = {h: {s: float(np.mean([x["by_hospital"][h][s] for x in seeds]))
+                                  for s in first[h]} for h in first}
+    out["seconds"] = float(np.mean([s["seconds"] for s in seeds]))
+    eps = [s["epsilon_max"] for s in seeds if s.get("epsilon_max") is not None]
+    out["epsilon_max"] = max(eps) if eps else None
+    return out
+
+
+def budget(config: ExperimentConfig, seeds: list[int], dp: dict | None) -> dict:
+    t, f = config.training, config.federation
+    return {"rounds": f.rounds, "local_epochs": t.local_epochs,
+            "epochs": f.rounds * t.local_epochs, "optimizer": "AdamW", "lr": t.lr,
+            "weight_decay": t.weight_decay, "batch_size": t.batch_size,
+            "backbone": config.model.backbone, "image_size": config.data.image_size,
+            "sites": sorted(config.data.sites), "seeds": seeds, "dp": dp,
+            "note": "every arm: same optimiser, lr and rounds x local epochs; the seeds' local "
+                    "splits are shared by all arms; centralized trains on the union of the "
+                    "sites' local train splits (a simulation: the driver reads every site)"}
+
+
+def _fmt(summary: dict) -> str:
+    if summary.get("mean") is None:
+        return "-"
+    lo, hi = summary["ci95"]
+    flag = "*" if summary.get("single_seed") else ""
+    return f"{summary['mean']:.3f} [{lo:.3f}, {hi:.3f}]{flag}"
+
+
+def to_markdown(arms: dict[str, dict], budget_: dict) -> str:
+    sites = sorted({s for a in arms.values() for s in a["sites"]})
+    head = ("| arm | test balanced accuracy | worst site | macro F1 | ROC-AUC | "
+            + " | ".join(sites) + " | max epsilon | seconds/seed |")
+    lines = [head, "|" + "---|" * (7 + len(sites))]
+    for name, a in arms.items():
+        cells = [_fmt(a[k]) for k in SUMMARY] + [f"{a['sites'][s]:.3f}" if s in a["sites"]
+                                                 else "-" for s in sites]
+        eps = f"{a['epsilon_max']:.2f}" if a.get("epsilon_max") is not None else "-"
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {eps} | {a['seconds']:.0f} |")
+    lines += ["", f"Mean [95% interval] over seeds {budget_['seeds']}: {INTERVAL}"
+              + ("; * one seed, no interval." if len(budget_["seeds"]) == 1 else ".")]
+    lines.append(f"Budget for every arm: {budget_['rounds']} rounds x {budget_['local_epochs']} "
+                 f"local epochs, AdamW lr {budget_['lr']:g}, batch {budget_['batch_size']}, "
+                 f"{budget_['backbone']} at {budget_['image_size']} px.")
+    if LOCAL_ONLY in arms:
+        a = arms[LOCAL_ONLY]
+        lines.append(f"local-only: each hospital's own model, pooled over all sites and averaged "
+                     f"over hospitals; at its own site {_fmt(a['own_site_balanced_accuracy'])}, "
+                     f"at the other sites {_fmt(a['other_site_balanced_accuracy'])} "
+                     "(the site-shift cost).")
+    if budget_.get("dp"):
+        d = budget_["dp"]
+        lines.append(f"fedavg+dp: DP-SGD in every hospital at target epsilon "
+                     f"{d['target_epsilon']:g} (per hospital, {d['unit']}-level).")
     return "\n".join(lines)
 
 
@@ -58,40 +194,132 @@ def privacy_total_markdown(total: dict | None) -> str:
     if not total:
         return ""
     lines = ["", "", f"Privacy spent over all {max(h['runs'] for h in total['hospitals'].values())} "
-             f"DP runs on these shards ({total['composition']}):", "",
+             f"DP runs on these sites ({total['composition']}):", "",
              "| hospital | total epsilon | delta | runs |", "|---|---|---|---|"]
     for name, h in total["hospitals"].items():
         lines.append(f"| {name} | {h['epsilon_total']:.2f} | {h['delta']:.2g} | {h['runs']} |")
     return "\n".join(lines)
 
 
+def plot(arms: dict[str, dict], path: Path) -> None:
+    """Bars: pooled test balanced accuracy with 95% intervals; dots: per-site means."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(arms)
+    means = [arms[n]["test_balanced_accuracy"]["mean"] or 0.0 for n in names]
+    lo = [m - (arms[n]["test_balanced_accuracy"]["ci95"][0] or m) for n, m in zip(names, means)]
+    hi = [(arms[n]["test_balanced_accuracy"]["ci95"][1] or m) - m for n, m in zip(names, means)]
+    fig, ax = plt.subplots(figsize=(1.2 * len(names) + 2, 4))
+    x = np.arange(len(names))
+    ax.bar(x, means, yerr=[lo, hi], capsize=4, color="#9ecae1", label="pooled test (95% CI)")
+    sites = sorted({s for a in arms.values() for s in a["sites"]})
+    for k, site in enumerate(sites):
+        ys = [arms[n]["sites"].get(site) for n in names]
+        ax.scatter(x + (k - (len(sites) - 1) / 2) * 0.12, ys, s=18, zorder=3, label=site)
+    ax.set_xticks(x, names, rotation=20)
+    ax.set_ylabel("balanced accuracy")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _epsilon(final: dict) -> float | None:
+    ledgers = (final.get("privacy") or {}).get("hospitals") or {}
+    eps = [h["epsilon"] for h in ledgers.values() if h.get("epsilon") is not None]
+    return max(eps) if eps else None
+
+
+def _local_only(config: ExperimentConfig, runs: Path, folder: Path,
+                log: Callable[[str], None]) -> dict:
+    at_sites, seconds = {}, 0.0
+    for hospital in sorted(config.data.sites):
+        result = experiment.run(local_config(config, hospital), output_dir=runs, log=log)
+        weights = checkpoint.load_weights(result.run_dir / "model.safetensors")
+        at_sites[hospital] = experiment.evaluate_at_sites(config, weights, "test", work_dir=folder)
+        atomic.write_json(result.run_dir / "at_sites.json", at_sites[hospital])
+        seconds += result.seconds
+    return {**_local_scores(at_sites), "seconds": seconds}
+
+
 def run_comparison(config: ExperimentConfig, strategies: list[str], *, centralized: bool,
-                   dp: bool, output_dir: Path, workers: int = 2,
+                   dp: bool, output_dir: Path, workers: int = 2, local_only: bool = False,
+                   seeds: int = 1, dp_epsilon: float | None = None,
                    log: Callable[[str], None] = print) -> Path:
-    """Run every variant; write comparison.json and comparison.md; return the folder."""
+    """Run every arm `seeds` times; write comparison.json, .md and .png; return the folder.
+    The files are rewritten after every seed, so a stopped comparison keeps what it finished."""
     folder = Path(output_dir).resolve() / f"{config.name}-compare-{time.strftime('%Y%m%d-%H%M%S')}"
     folder.mkdir(parents=True)
     (folder / "config.yaml").write_text(config.to_yaml())
-    shards = experiment.prepare_data(config, folder, log)
-    rows, run_dirs = [], []
-    for name, variant in variants(config, strategies, dp).items():
-        log(f"== {name}")
-        result = experiment.run(variant, output_dir=folder / "runs", shards=shards, log=log)
-        run_dirs.append(result.run_dir)
-        ledgers = (result.final.get("privacy") or {}).get("hospitals") or {}
-        eps = [h["epsilon"] for h in ledgers.values() if h.get("epsilon") is not None]
-        rows.append(_row(name, result.final, result.seconds, max(eps) if eps else None))
-    if centralized:
-        from fedray.centralized import run_centralized
+    config = site_config(config, folder / "sites", log)
+    federated = variants(config, strategies, dp, dp_epsilon)
+    seed_list = [config.seed + i for i in range(seeds)]
+    dp_info = None
+    if dp:
+        p = federated["fedavg+dp"].privacy
+        dp_info = {"mechanism": "DP-SGD in every hospital (Opacus), FedAvg aggregation",
+                   "target_epsilon": p.target_epsilon, "unit": p.unit}
+    plan = budget(config, seed_list, dp_info)
+    per_seed: dict[str, list[dict]] = {}
+    failed: dict[str, list[str]] = {}
+    dp_dirs: list[Path] = []
+
+    def attempt(name: str, seed: int, arm: Callable[[], dict]) -> None:
+        log(f"== {name} (seed {seed})")
+        try:
+            per_seed.setdefault(name, []).append(arm())
+        except Exception as exc:  # noqa: BLE001 - a failed arm is recorded, the others still run
+            failed.setdefault(name, []).append(f"seed {seed}: {type(exc).__name__}: {exc}")
+            log(f"{name} (seed {seed}) failed: {exc}")
+            if not per_seed[name]:
+                del per_seed[name]
+
+    def federated_arm(name: str, variant: ExperimentConfig, seed: int) -> dict:
+        arm = _variant(variant, f"{variant.name}-s{seed}", {"seed": seed})
+        result = experiment.run(arm, output_dir=folder / "runs" / name, log=log)
+        if arm.privacy.enabled:
+            dp_dirs.append(result.run_dir)
+        return {**_scores(result.final), "seconds": result.seconds,
+                "epsilon_max": _epsilon(result.final)}
+
+    def centralized_arm(seeded: ExperimentConfig, seed: int) -> dict:
+        from fedray.centralized import run_centralized_sites
         from fedray.runtime import init_ray
 
-        log("== centralized (Ray Train)")
         init_ray(config.runtime)
-        final = run_centralized(config, shards, folder / "runs" / "centralized", workers=workers)
-        rows.append(_row("centralized", final, final["seconds"], None))
-    total = total_epsilon(run_dirs)
-    atomic.write_json(folder / "comparison.json", {"variants": rows, "privacy_total": total})
-    text = to_markdown(rows) + privacy_total_markdown(total)
+        final = run_centralized_sites(seeded, folder / "runs" / CENTRALIZED / f"s{seed}",
+                                      workers=workers)
+        return {**_scores(final), "seconds": final["seconds"]}
+
+    for k, seed in enumerate(seed_list):
+        for name, variant in federated.items():
+            attempt(name, seed, lambda: federated_arm(name, variant, seed))
+        seeded = _variant(config, config.name, {"seed": seed})
+        if centralized:
+            attempt(CENTRALIZED, seed, lambda: centralized_arm(seeded, seed))
+        if local_only:
+            attempt(LOCAL_ONLY, seed, lambda: _local_only(
+                seeded, folder / "runs" / LOCAL_ONLY / f"s{seed}", folder, log))
+        _write(folder, per_seed, {**plan, "seeds": seed_list[:k + 1]}, dp_dirs, failed, log=None)
+    return _write(folder, per_seed, plan, dp_dirs, failed, log=log)
+
+
+def _write(folder: Path, per_seed: dict[str, list[dict]], plan: dict, dp_dirs: list[Path],
+           failed: dict[str, list[str]], log: Callable[[str], None] | None) -> Path:
+    arms = {name: summarize(seeds) for name, seeds in per_seed.items()}
+    total = total_epsilon(dp_dirs)
+    atomic.write_json(folder / "comparison.json", {
+        "arms": arms, "budget": plan, "interval": INTERVAL, "privacy_total": total,
+        "failed": failed})
+    text = to_markdown(arms, plan) + privacy_total_markdown(total)
+    if failed:
+        text += "\n\nFailed: " + "; ".join(f"{n} ({e})" for n, errs in failed.items() for e in errs)
     atomic.write_text(folder / "comparison.md", text + "\n")
-    log(text)
+    plot(arms, folder / "comparison.png")
+    if log:
+        log(text)
     return folder

@@ -1,16 +1,18 @@
-"""Strategies and a Ray Train centralized baseline on the same shards, with one table."""
+"""Arms over the same sites, over seeds: strategies, pooled Ray Train, local-only, intervals."""
 
 import json
+import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from fedray.cli import main as cli_main
-from fedray.compare import variants
+from fedray.compare import t_interval, variants
 
 from conftest import tiny_config
 
-pytestmark = pytest.mark.ray
+T_975 = {1: 12.706204736, 2: 4.302652730}  # Student t quantiles, from tables
 
 
 def test_variants_differ_only_where_asked(tmp_path: Path) -> None:
@@ -18,29 +20,105 @@ def test_variants_differ_only_where_asked(tmp_path: Path) -> None:
     out = variants(base, ["fedavg", "fedprox"], dp=True)
     assert list(out) == ["fedavg", "fedprox", "fedavg+dp"]
     assert out["fedprox"].federation.strategy.name == "fedprox"
-    assert out["fedavg+dp"].privacy.enabled and out["fedavg+dp"].model.dp_safe
+    dp = out["fedavg+dp"]
+    assert dp.privacy.enabled and dp.model.dp_safe and dp.privacy.target_epsilon == 8.0
     assert out["fedprox"].data == base.data and out["fedprox"].training == base.training
+    assert variants(base, [], dp=True, dp_epsilon=3.0)["fedavg+dp"].privacy.target_epsilon == 3.0
 
 
-def test_compare_with_centralized_baseline(ray_session, tmp_path: Path, capsys) -> None:
-    sets = ["name=tiny", "data.synth.n=240", "data.synth.size=32", "data.synth.patients_per_class=6",
-             "data.image_size=32", "data.partition.min_per_hospital=10", "federation.hospitals=2",
-             "federation.rounds=1", "federation.min_clients=1", "runtime.hospital_num_cpus=1"]
-    args = ["compare", "--strategies", "fedavg", "fedbn", "--centralized",
-            "--output-dir", str(tmp_path / "cmp")]
+@pytest.mark.parametrize("values", [[0.5, 0.7], [0.61, 0.64, 0.7]])
+def test_t_interval_is_mean_plus_minus_t_s_over_root_n(values: list[float]) -> None:
+    n = len(values)
+    half = T_975[n - 1] * np.std(values, ddof=1) / math.sqrt(n)
+    out = t_interval(values)
+    assert out["mean"] == pytest.approx(np.mean(values))
+    assert out["ci95"] == pytest.approx([np.mean(values) - half, np.mean(values) + half])
+
+
+def test_t_interval_of_one_seed_is_the_value_and_flagged() -> None:
+    assert t_interval([0.6]) == {"mean": 0.6, "ci95": [0.6, 0.6], "values": [0.6], "n": 1,
+                                 "single_seed": True}
+
+
+@pytest.fixture(scope="module")
+def site_dirs(tmp_path_factory) -> dict[str, Path]:
+    from fedray.data import synth
+
+    out = tmp_path_factory.mktemp("sites")
+    table = synth.generate_sites(n=96, size=32, seed=0, sites=2, patients_per_class=4)
+    synth.write_sites(table, out)
+    return {name: out / name for name in ("site_a", "site_b")}
+
+
+def _check_interval(summary: dict, seeds: int) -> None:
+    values = summary["values"]
+    assert len(values) == seeds and all(0 <= v <= 1 for v in values)
+    half = T_975[seeds - 1] * np.std(values, ddof=1) / math.sqrt(seeds)
+    assert summary["mean"] == pytest.approx(np.mean(values))
+    assert summary["ci95"] == pytest.approx([np.mean(values) - half, np.mean(values) + half])
+
+
+@pytest.mark.ray
+def test_site_compare_arms_over_seeds(ray_session, site_dirs, tmp_path: Path) -> None:
+    sets = ["name=tiny", "data.source=sites", "data.image_size=32", "federation.hospitals=2",
+            "federation.rounds=1", "federation.min_clients=1", "runtime.hospital_num_cpus=1",
+            "training.batch_size=16"]
+    sets += [f"data.sites.{name}.path={path}" for name, path in site_dirs.items()]
+    args = ["compare", "--strategies", "fedavg", "fedbn", "--centralized", "--local-only",
+            "--seeds", "2", "--output-dir", str(tmp_path / "cmp")]
     for s in sets:
         args += ["--set", s]
     assert cli_main(args) == 0
     folder = next((tmp_path / "cmp").iterdir())
     comparison = json.loads((folder / "comparison.json").read_text())
-    rows = comparison["variants"]
-    assert comparison["privacy_total"] is None  # no DP variant: nothing spent
-    assert [r["variant"] for r in rows] == ["fedavg", "fedbn", "centralized"]
-    assert all(0 <= r["accuracy"] <= 1 for r in rows)
-    central = folder / "runs" / "centralized"
-    assert (central / "model.safetensors").is_file()
-    n_test = sum(sum(row) for row in json.loads((central / "metrics.json").read_text())
-                 ["test"]["confusion_matrix"])
-    shards = json.loads((folder / "data" / "shards.json").read_text())
-    assert n_test == sum(shards["counts"]["test"].values())  # same held-out split for every row
-    assert "| centralized |" in (folder / "comparison.md").read_text()
+    assert list(comparison["arms"]) == ["fedavg", "fedbn", "centralized", "local-only"]
+    assert comparison["privacy_total"] is None  # no DP arm: nothing spent
+    assert comparison["failed"] == {}
+    assert comparison["interval"].startswith("t-based 95% interval")
+    assert comparison["budget"]["seeds"] == [0, 1] and comparison["budget"]["optimizer"] == "AdamW"
+    for name, arm in comparison["arms"].items():
+        for key in ("test_balanced_accuracy", "worst_site_balanced_accuracy", "test_macro_f1"):
+            _check_interval(arm[key], 2)
+        assert set(arm["sites"]) == {"site_a", "site_b"}
+        assert arm["worst_site_balanced_accuracy"]["mean"] <= max(arm["sites"].values()) + 1e-9
+    local = comparison["arms"]["local-only"]
+    _check_interval(local["own_site_balanced_accuracy"], 2)
+    _check_interval(local["other_site_balanced_accuracy"], 2)
+    by = local["by_hospital"]
+    assert local["own_site_balanced_accuracy"]["mean"] == pytest.approx(
+        np.mean([by["site_a"]["site_a"], by["site_b"]["site_b"]]))
+    assert local["other_site_balanced_accuracy"]["mean"] == pytest.approx(
+        np.mean([by["site_a"]["site_b"], by["site_b"]["site_a"]]))
+    # each hospital alone trained on its own site only, and was scored at both
+    for seed in (0, 1):
+        for h in ("site_a", "site_b"):
+            run = next((folder / "runs" / "local-only" / f"s{seed}").glob(f"local-{h}-*"))
+            assert json.loads((run / "data" / "sites.json").read_text())["sites"].keys() == {h}
+            assert {"site_a", "site_b", "pooled"} <= set(json.loads(
+                (run / "at_sites.json").read_text()))
+    # the pooled baseline scored each site's local test split, the one the federation used
+    central = json.loads((folder / "runs" / "centralized" / "s0" / "metrics.json").read_text())
+    fed = json.loads(next((folder / "runs" / "fedavg").glob("*-s0-*/metrics.json")).read_text())
+    for h in ("site_a", "site_b"):
+        assert (sum(map(sum, central["sites"][h]["test"]["confusion_matrix"]))
+                == sum(map(sum, fed["sites"][h]["test"]["confusion_matrix"])))
+    text = (folder / "comparison.md").read_text()
+    assert "| local-only |" in text and "AdamW" in text and "Student t" in text
+    assert (folder / "comparison.png").stat().st_size > 0
+
+
+@pytest.mark.ray
+def test_non_site_config_is_divided_into_sites(ray_session, tmp_path: Path) -> None:
+    sets = ["name=tiny", "data.synth.n=160", "data.synth.size=32",
+            "data.synth.patients_per_class=6", "data.image_size=32", "data.partition.min_per_hospital=10", "federation.hospitals=2",
+            "federation.rounds=1", "federation.min_clients=1", "runtime.hospital_num_cpus=1"]
+    args = ["compare", "--strategies", "fedavg", "--output-dir", str(tmp_path / "cmp")]
+    for s in sets:
+        args += ["--set", s]
+    assert cli_main(args) == 0
+    folder = next((tmp_path / "cmp").iterdir())
+    comparison = json.loads((folder / "comparison.json").read_text())
+    assert list(comparison["arms"]) == ["fedavg"]
+    assert comparison["arms"]["fedavg"]["test_balanced_accuracy"]["single_seed"]
+    assert sorted(p.name for p in (folder / "sites").iterdir()) == comparison["budget"]["sites"]
+    assert len(comparison["budget"]["sites"]) == 2
