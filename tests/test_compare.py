@@ -110,8 +110,9 @@ def test_site_compare_arms_over_seeds(ray_session, site_dirs, tmp_path: Path) ->
 @pytest.mark.ray
 def test_non_site_config_is_divided_into_sites(ray_session, tmp_path: Path) -> None:
     sets = ["name=tiny", "data.synth.n=160", "data.synth.size=32",
-            "data.synth.patients_per_class=6", "data.image_size=32", "data.partition.min_per_hospital=10", "federation.hospitals=2",
-            "federation.rounds=1", "federation.min_clients=1", "runtime.hospital_num_cpus=1"]
+            "data.synth.patients_per_class=6", "data.image_size=32",
+            "data.partition.min_per_hospital=10", "federation.hospitals=2", "federation.rounds=1",
+            "federation.min_clients=1", "runtime.hospital_num_cpus=1"]
     args = ["compare", "--strategies", "fedavg", "--output-dir", str(tmp_path / "cmp")]
     for s in sets:
         args += ["--set", s]
