@@ -196,11 +196,11 @@ class HospitalClient:
         self.faults.at("before_fit", ins.round)
         if self.private is not None:
             self.private.check_budget(self.name, ins.local_epochs)
-        self._load_global(weights, ins.extra.get("local_layers"))
+        self._load_global(weights, ins.local_layers)
         proximal = None
-        if ins.extra.get("proximal_mu"):
+        if ins.proximal_mu:
             anchors = [p.detach().clone() for p in self.model.parameters() if p.requires_grad]
-            proximal = (float(ins.extra["proximal_mu"]), anchors)
+            proximal = (float(ins.proximal_mu), anchors)
         for group in self.base_optimizer.param_groups:
             group["lr"] = ins.lr
         torch.manual_seed(ins.seed)

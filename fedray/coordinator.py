@@ -38,8 +38,8 @@ class HospitalPool(Protocol):
 
     names: list[str]
 
-    def fit(self, weights: OrderedDict, instructions: dict[str, FitIns],
-            timeout_s: float) -> tuple[list[FitRes], list[Failure]]: ...
+    def fit(self, weights: OrderedDict, instructions: dict[str, FitIns], timeout_s: float
+            ) -> tuple[list[FitRes], list[Failure], dict[str, float]]: ...
 
     def restore(self, round_number: int) -> list[dict]: ...
 
@@ -59,8 +59,8 @@ class LocalPool:
         self.clients = {c.name: c for c in clients}
         self.names = sorted(self.clients)
 
-    def fit(self, weights: OrderedDict, instructions: dict[str, FitIns],
-            timeout_s: float) -> tuple[list[FitRes], list[Failure]]:
+    def fit(self, weights: OrderedDict, instructions: dict[str, FitIns], timeout_s: float
+            ) -> tuple[list[FitRes], list[Failure], dict[str, float]]:
         del timeout_s
         results, failures = [], []
         for name, ins in instructions.items():
@@ -72,7 +72,7 @@ class LocalPool:
                 raise  # in-process hospitals share the process's fate: the whole run stops
             except Exception as exc:  # noqa: BLE001 - a failed hospital is data
                 failures.append(Failure(name, "error", f"{name}: {exc!r}\n{traceback.format_exc()}"))
-        return results, failures
+        return results, failures, {}
 
     def restore(self, round_number: int) -> list[dict]:
         return [client.restore(round_number) for client in self.clients.values()]
@@ -137,16 +137,11 @@ class Coordinator:
                                  weights_dir=m.weights_dir).to(self.device)
         self.weights = to_numpy(self.model.state_dict())
         self.best_weights = self.weights
-        if getattr(self.strategy, "total_hospitals", 0) is None:  # DP-FedAvg's sampling rate
-            self.strategy.total_hospitals = len(self.pool.names)
-            # Server noise from OS entropy unless a debugging run asks to recompute it.
-            self.strategy.seed = config.seed if config.privacy.reproducible_noise else None
+        # Server-side noise from OS entropy unless a debugging run asks to recompute it.
+        self.noise_seed = config.seed if config.privacy.reproducible_noise else None
+        self.strategy.bind(list(self.pool.names), self.model, self.noise_seed)
         self.faults = FaultInjector("coordinator", config.runtime.fault_injection)
         self.skipped: list[str] = []  # torn files passed over on resume
-        if hasattr(self.strategy, "norm_keys") and self.strategy.norm_keys is None:
-            from fedray.strategy.fedbn import norm_parameter_names
-
-            self.strategy.norm_keys = norm_parameter_names(self.model)
         size = input_size(config)
         # Site mode: every hospital evaluates on its own local splits and sends counts; the
         # coordinator opens no site image (only an optional central cohort of its own).
@@ -182,9 +177,10 @@ class Coordinator:
 
     def _instructions(self, round_number: int, selected: list[str]) -> dict[str, FitIns]:
         seed = self.config.seed
-        extra = self.strategy.configure(round_number)
+        asked = self.strategy.configure(round_number)
         return {
-            name: FitIns(round=round_number, lr=self.lr, extra=extra,
+            name: FitIns(round=round_number, lr=self.lr, proximal_mu=asked.proximal_mu,
+                         local_layers=asked.local_layers,
                          local_epochs=self.config.training.local_epochs,
                          seed=(seed * 1_000_003 + round_number * 1_009 + self.pool.names.index(name))
                          % 2**31)
@@ -200,10 +196,10 @@ class Coordinator:
         available = [n for n in self.pool.names if n not in self.exhausted]
         selected = self.strategy.select(r, available, self.rng)
         start = time.perf_counter()
-        results, failures = self.pool.fit(self.weights, self._instructions(r, selected),
-                                          self.config.federation.round_timeout_s)
+        results, failures, transport = self.pool.fit(
+            self.weights, self._instructions(r, selected), self.config.federation.round_timeout_s)
         timings["fit_s"] = time.perf_counter() - start
-        timings.update(getattr(self.pool, "timings", {}))
+        timings.update(transport)
         start = time.perf_counter()
         self.exhausted.update(f.hospital for f in failures if f.kind == "budget")
         new_weights = self.strategy.aggregate(r, self.weights, results, failures)
@@ -216,11 +212,8 @@ class Coordinator:
         timings["evaluate_s"] = time.perf_counter() - start
         self.round = r
         record = self._record(r, selected, results, failures, counted, val, timings)
-        if counted and hasattr(self.strategy, "last_round_report"):
-            report = self.strategy.last_round_report()
-            if report.get("epsilon") == float("inf"):
-                report["epsilon"] = None  # no noise: no guarantee; JSON has no infinity
-            record["server_dp"] = report
+        if counted:
+            record.update(self.strategy.round_report())
         self._after_round(val)
         if self.stop_reason is None:
             self._check_budgets()
@@ -374,14 +367,9 @@ class Coordinator:
                 accountant=p.accountant, reproducible_noise=p.reproducible_noise,
                 guarantee=not p.reproducible_noise,
                 hospitals={name: ledger for name, ledger in sorted(ledgers.items()) if ledger})
-        if hasattr(self.strategy, "last_round_report"):
-            epsilon = self.strategy.epsilon()
-            summary["client_level"] = {
-                "unit": "hospital", "epsilon": None if epsilon == float("inf") else epsilon,
-                "delta": self.strategy.delta, "rounds": self.strategy.dp_rounds,
-                "noise_multiplier": self.strategy.noise_multiplier,
-                "accountant": self.strategy.accountant_name,
-                "reproducible_noise": p.reproducible_noise}
+        server = self.strategy.privacy()
+        if server is not None:
+            summary["client_level"] = {**server, "reproducible_noise": p.reproducible_noise}
         if self.reproducible_noise:
             summary["warning"] = NOT_A_GUARANTEE
         return summary
@@ -454,8 +442,7 @@ class Coordinator:
         self.stop_reason = state["stop_reason"]
         self.exhausted = set(state.get("exhausted", []))
         self.strategy.load_state_dict(strategy_state)
-        if hasattr(self.strategy, "noise_rng") and not self.config.privacy.reproducible_noise:
-            self.strategy.seed = None
+        self.strategy.bind(list(self.pool.names), self.model, self.noise_seed)  # not the saved seed
         self._restore_server_ledger()
         torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
         if self.best_round:

@@ -296,7 +296,6 @@ class RayPool:
             for name in self.names
         }
         self.info: dict[str, dict] = {}
-        self.timings: dict[str, float] = {}
         self.restart_wait_s = rt.restart_wait_s
         self.start_timeout_s = rt.start_timeout_s
 
@@ -365,16 +364,16 @@ class RayPool:
                     break
         return alive, failures
 
-    def fit(self, weights: OrderedDict, instructions: dict[str, FitIns],
-            timeout_s: float) -> tuple[list[FitRes], list[Failure]]:
+    def fit(self, weights: OrderedDict, instructions: dict[str, FitIns], timeout_s: float
+            ) -> tuple[list[FitRes], list[Failure], dict[str, float]]:
         """Broadcast the weights once, gather what arrives before the deadline."""
         alive, failures = self._reachable(sorted(instructions), self.restart_wait_s)
         start = time.perf_counter()
         ref = ray.put(weights)
-        self.timings = {"broadcast_s": time.perf_counter() - start}
+        timings = {"broadcast_s": time.perf_counter() - start}
         pending = {self.actors[name].fit.remote(ref, instructions[name]): name for name in alive}
         if not pending:
-            return [], failures
+            return [], failures, timings
         ready, late = ray.wait(list(pending), num_returns=len(pending), timeout=timeout_s)
         results = []
         for future in ready:
@@ -391,7 +390,7 @@ class RayPool:
         for future in late:
             failures.append(Failure(pending[future], "timeout",
                                     f"hospital {pending[future]} missed the {timeout_s:.0f}s deadline"))
-        return results, failures
+        return results, failures, timings
 
     def restore(self, round_number: int) -> list[dict]:
         return ray.get([a.restore.remote(round_number) for a in self.actors.values()])

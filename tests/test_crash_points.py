@@ -39,9 +39,9 @@ def counting(coord, released: Counter):
     fit = coord.pool.fit
 
     def wrapped(weights, instructions, timeout_s):
-        results, failures = fit(weights, instructions, timeout_s)
+        results, failures, timings = fit(weights, instructions, timeout_s)
         released.update(r.hospital for r in results)
-        return results, failures
+        return results, failures, timings
 
     coord.pool.fit = wrapped
     return coord

@@ -73,9 +73,9 @@ def test_one_round_of_fedavg_equals_weighted_mean_of_hospitals(tmp_path: Path, s
     original = coord.pool.fit
 
     def spy(weights, instructions, timeout_s):
-        results, failures = original(weights, instructions, timeout_s)
+        results, failures, timings = original(weights, instructions, timeout_s)
         captured.extend(results)
-        return results, failures
+        return results, failures, timings
 
     coord.pool.fit = spy
     coord.run_round()

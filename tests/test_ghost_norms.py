@@ -83,6 +83,7 @@ def test_hospital_trains_with_ghost_clipping(shard_dir: Path):
         config = tiny_config(shard_dir, **{
             "model.dp_safe": "true", "privacy.enabled": "true", "privacy.noise_multiplier": 0.7,
             "privacy.max_grad_norm": 0.1, "privacy.grad_sample_mode": mode,
+            "privacy.reproducible_noise": "true", "privacy.share_local_metrics": "true",
             "data.augment": "false"})
         client = HospitalClient("hospital_a", shards.path(shards.hospitals["hospital_a"]), config,
                                 None, num_threads=1)

@@ -125,15 +125,15 @@ def test_robust_functions_reject_bad_input() -> None:
 # ---- configure ---------------------------------------------------------------------------
 
 def test_configure_outputs() -> None:
-    assert FedAvg().configure(1) == {}
-    assert FedProx(mu=0.1).configure(3) == {"proximal_mu": 0.1}
-    assert FedBN().configure(1) == {"local_layers": "norm"}
+    from fedray.messages import RoundConfig
+
+    assert FedAvg().configure(1) == RoundConfig()
+    assert FedProx(mu=0.1).configure(3) == RoundConfig(proximal_mu=0.1)
+    assert FedBN().configure(1) == RoundConfig(local_layers="norm")
     for cls in (FedAdam, FedYogi, FedAdagrad, FedMedian, FedTrimmedAvg):
-        assert cls().configure(2) == {}
-    # a fresh dict each round: a caller that changes one does not change the next
-    prox = FedProx(mu=0.5)
-    prox.configure(1)["proximal_mu"] = 99.0
-    assert prox.configure(2) == {"proximal_mu": 0.5}
+        assert cls().configure(2) == RoundConfig()
+    with pytest.raises(AttributeError):  # frozen: a caller cannot change the next round's
+        FedProx(mu=0.5).configure(1).proximal_mu = 99.0
 
 
 def test_base_strategy_configure_is_empty() -> None:
@@ -141,7 +141,9 @@ def test_base_strategy_configure_is_empty() -> None:
         def aggregate(self, round_number, current, results, failures):
             return None
 
-    assert Minimal().configure(7) == {}
+    from fedray.messages import RoundConfig
+
+    assert Minimal().configure(7) == RoundConfig()
 
 
 def test_fedprox_aggregates_like_fedavg_and_checks_mu() -> None:
@@ -420,7 +422,7 @@ def test_build_strategy_names_and_params() -> None:
     for name, cls in expected.items():
         strategy = build_strategy(name, 2, 0.5)
         assert type(strategy) is cls and strategy.min_clients == 2 and strategy.fraction == 0.5
-    assert build_strategy("fedprox", 1, 1.0, mu=0.3).configure(1) == {"proximal_mu": 0.3}
+    assert build_strategy("fedprox", 1, 1.0, mu=0.3).configure(1).proximal_mu == 0.3
     yogi = build_strategy("fedyogi", 1, 1.0, server_lr=0.5, beta1=0.1, beta2=0.2, tau=0.3)
     assert (yogi.server_lr, yogi.beta1, yogi.beta2, yogi.tau) == (0.5, 0.1, 0.2, 0.3)
     adam = build_strategy("fedadam", 1, 1.0)

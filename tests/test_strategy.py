@@ -86,3 +86,29 @@ def test_build_strategy_by_name() -> None:
     assert isinstance(build_strategy("fedavg", 1, 1.0), FedAvg)
     with pytest.raises(ValueError, match="unknown strategy"):
         build_strategy("fedsomething", 1, 1.0)
+
+
+def test_strategy_contract_is_explicit() -> None:
+    """bind() instead of attributes set from outside; typed round instructions; a report hook;
+    failure kinds from one enum."""
+    import pytest
+    from torch import nn
+
+    from fedray.messages import Failure, FailureKind, RoundConfig
+    from fedray.strategy import build_strategy
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.GroupNorm(2, 4), nn.Flatten(), nn.LazyLinear(4))
+    fedbn = build_strategy("fedbn", 1, 1.0)
+    fedbn.bind(["a", "b"], model, None)
+    assert fedbn.norm_keys and all(k.startswith("1.") for k in fedbn.norm_keys)
+    assert fedbn.configure(1) == RoundConfig(local_layers="norm")
+    assert build_strategy("fedprox", 1, 1.0, mu=0.5).configure(1) == RoundConfig(proximal_mu=0.5)
+    dp = build_strategy("dpfedavg", 1, 1.0, clip_norm=1.0, noise_multiplier=1.0)
+    dp.bind(["a", "b", "c"], model, None)
+    assert dp.total_hospitals == 3 and dp.seed is None and dp.round_report() == {}
+    assert dp.privacy()["unit"] == "hospital"
+    assert build_strategy("fedavg", 1, 1.0).round_report() == {}
+    assert {k.value for k in FailureKind} == {"error", "timeout", "died", "budget", "unavailable"}
+    assert Failure("a", "budget", "x").kind is FailureKind.BUDGET
+    with pytest.raises(ValueError):
+        Failure("a", "exploded", "x")

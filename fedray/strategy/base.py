@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from fedray.messages import Failure, FitRes
+from fedray.messages import Failure, FitRes, RoundConfig
 
 
 class Strategy(ABC):
@@ -31,13 +31,24 @@ class Strategy(ABC):
     ) -> OrderedDict | None:
         """New global weights, or None when the round does not count (too few results)."""
 
-    def configure(self, round_number: int) -> dict[str, Any]:
-        """Extra instructions for every hospital this round (they travel in `FitIns.extra`).
+    def bind(self, hospitals: list[str], model: Any, noise_seed: int | None) -> None:
+        """Learn the run the strategy serves, once, before round 1: the hospitals that can be
+        sampled, the global model (its parameter names), and the seed of any server-side noise
+        (None: OS entropy). Strategies that need none of it ignore it."""
+        del hospitals, model, noise_seed
 
-        A fresh dict on every call, so a caller may share or change it freely.
-        """
+    def configure(self, round_number: int) -> RoundConfig:
+        """What every hospital is asked to do this round beyond training (typed fields)."""
         del round_number
+        return RoundConfig()
+
+    def round_report(self) -> dict[str, Any]:
+        """Fields the strategy adds to the last counted round's record (empty: none)."""
         return {}
+
+    def privacy(self) -> dict[str, Any] | None:
+        """The strategy's own privacy accounting for metrics.json, or None without any."""
+        return None
 
     def enough(self, results: list[FitRes]) -> bool:
         return len(results) >= self.min_clients

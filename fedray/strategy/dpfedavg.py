@@ -216,6 +216,28 @@ class DPFedAvg(Strategy):
             return {}
         return {**self._report, "epsilon": self.epsilon()}  # computed here, only when asked
 
+    # ---- the strategy contract ---------------------------------------------------------------
+    def bind(self, hospitals: list[str], model: Any, noise_seed: int | None) -> None:
+        """q's population (unless given) and the noise's seed (None: OS entropy)."""
+        del model
+        if self.total_hospitals is None:
+            self.total_hospitals = len(hospitals)
+        self.seed = noise_seed
+
+    def round_report(self) -> dict[str, Any]:
+        report = self.last_round_report()
+        if not report:
+            return {}
+        if report.get("epsilon") == float("inf"):
+            report["epsilon"] = None  # no noise: no guarantee; JSON has no infinity
+        return {"server_dp": report}
+
+    def privacy(self) -> dict[str, Any]:
+        epsilon = self.epsilon()
+        return {"unit": "hospital", "epsilon": None if epsilon == math.inf else epsilon,
+                "delta": self.delta, "rounds": self.dp_rounds,
+                "noise_multiplier": self.noise_multiplier, "accountant": self.accountant_name}
+
     # ---- resume -----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """{"seed", "total_hospitals", "accountant": {"mechanism", "history": [[sigma, q, k]]}}.

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fedray.messages import Failure, FitRes
+from fedray.messages import Failure, FitRes, RoundConfig
 from fedray.strategy.aggregate import weighted_average
 from fedray.strategy.base import Strategy
 
@@ -57,9 +57,14 @@ class FedBN(Strategy):
         self.norm_in_global = norm_in_global
         self.norm_keys: frozenset[str] | None = None if norm_keys is None else frozenset(norm_keys)
 
-    def configure(self, round_number: int) -> dict[str, Any]:
+    def bind(self, hospitals: list[str], model: Any, noise_seed: int | None) -> None:
+        del hospitals, noise_seed
+        if self.norm_keys is None:
+            self.norm_keys = frozenset(norm_parameter_names(model))
+
+    def configure(self, round_number: int) -> RoundConfig:
         del round_number
-        return {"local_layers": "norm"}
+        return RoundConfig(local_layers="norm")
 
     def aggregate(
         self, round_number: int, current: OrderedDict, results: list[FitRes], failures: list[Failure]

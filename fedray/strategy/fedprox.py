@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from fedray.messages import RoundConfig
 from fedray.strategy.fedavg import FedAvg
 
 
@@ -17,6 +18,6 @@ class FedProx(FedAvg):
             raise ValueError(f"FedProx mu must be a finite number >= 0, got {mu!r}")
         self.mu = float(mu)
 
-    def configure(self, round_number: int) -> dict[str, Any]:
+    def configure(self, round_number: int) -> RoundConfig:
         del round_number
-        return {"proximal_mu": self.mu}
+        return RoundConfig(proximal_mu=self.mu)
