@@ -5,11 +5,12 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
-from sklearn import metrics as skm
 
 
 def classification_metrics(labels: np.ndarray, probs: np.ndarray, classes: list[str]) -> dict:
     """Accuracy, balanced accuracy, macro/weighted P/R/F1, ROC-AUC (OvR), kappa, confusion."""
+    from sklearn import metrics as skm  # scikit-learn loads only where predictions are scored
+
     k = len(classes)
     pred = probs.argmax(1)
     idx = list(range(k))
@@ -38,6 +39,8 @@ def classification_metrics(labels: np.ndarray, probs: np.ndarray, classes: list[
 
 
 def _balanced_accuracy(labels: np.ndarray, pred: np.ndarray) -> float:
+    from sklearn import metrics as skm
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return float(skm.balanced_accuracy_score(labels, pred))
@@ -45,6 +48,8 @@ def _balanced_accuracy(labels: np.ndarray, pred: np.ndarray) -> float:
 
 def _roc_auc_per_class(labels: np.ndarray, probs: np.ndarray, k: int) -> list[float | None]:
     """One-vs-rest AUC per class; None where a class is absent (or alone) in the labels."""
+    from sklearn import metrics as skm
+
     aucs: list[float | None] = []
     for c in range(k):
         positive = labels == c
