@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
@@ -274,7 +275,7 @@ def run_comparison(config: ExperimentConfig, strategies: list[str], *, centraliz
             per_seed.setdefault(name, []).append(arm())
         except Exception as exc:  # noqa: BLE001 - a failed arm is recorded, the others still run
             failed.setdefault(name, []).append(f"seed {seed}: {type(exc).__name__}: {exc}")
-            log(f"{name} (seed {seed}) failed: {exc}")
+            log(f"{name} (seed {seed}) failed:\n{traceback.format_exc()}")
             if not per_seed[name]:
                 del per_seed[name]
 
