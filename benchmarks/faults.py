@@ -20,9 +20,9 @@ import fedray  # noqa: F401  (loopback Ray defaults before Ray is imported)
 
 import ray
 
-from fedray import runtime
+from fedray.federation import runtime
 from fedray.config import load_config
-from fedray.coordinator import Coordinator
+from fedray.federation.coordinator import Coordinator
 from fedray.data.pipeline import build_shards, load_source
 
 RESULTS = Path(__file__).resolve().parent / "results"

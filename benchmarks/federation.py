@@ -49,7 +49,7 @@ from fedray.data.labels import CLASSES
 from fedray.data.pipeline import build_shards, load_source
 from fedray.data.shards import ShardDataset, ShardSet
 from fedray.data.transforms import eval_preset, train_preset
-from fedray.messages import to_numpy, to_torch
+from fedray.federation.messages import to_numpy, to_torch
 from fedray.metrics import classification_metrics
 from fedray.models import build_model
 from fedray.strategy.aggregate import weighted_average

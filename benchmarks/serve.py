@@ -42,7 +42,7 @@ from fedray.artifacts import checkpoint
 from fedray.config import load_config
 from fedray.data import synth
 from fedray.data.shards import decode_image
-from fedray.messages import to_numpy
+from fedray.federation.messages import to_numpy
 from fedray.models import build_model
 from fedray.artifacts.package import export_package, load_package
 

@@ -24,7 +24,8 @@ from pathlib import Path
 
 import fedray  # noqa: F401  (loopback Ray defaults before Ray is imported)
 
-from fedray import experiment, runtime
+from fedray.experiments import experiment
+from fedray.federation import runtime
 from fedray.experiments import tune as sweeps
 
 ROOT = Path(__file__).resolve().parents[1]

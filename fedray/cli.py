@@ -244,7 +244,7 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from fedray import experiment
+    from fedray.experiments import experiment
     from fedray.config import load_config
 
     if args.resume:
@@ -264,7 +264,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from fedray.compare import run_comparison
+    from fedray.experiments.compare import run_comparison
     from fedray.config import load_config
 
     config = load_config(args.config, args.overrides)
@@ -278,7 +278,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_cv(args: argparse.Namespace) -> int:
     from fedray.config import load_config
-    from fedray.cv import run_cv
+    from fedray.experiments.cv import run_cv
 
     config = load_config(args.config, args.overrides)
     folder = run_cv(config, folds=args.folds, centralized=args.centralized,
@@ -288,7 +288,7 @@ def cmd_cv(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from fedray.artifacts.run_folder import evaluate_run
+    from fedray.experiments.experiment import evaluate_run
     from fedray.metrics import format_table
 
     metrics = evaluate_run(args.run, args.split)

@@ -474,7 +474,7 @@ def _find_run_dir(source: Path) -> Path | None:
 
 def _load_run(source: Path) -> LoadedModel:
     """Rebuild the run's architecture from config.yaml and load its weights, as evaluate does."""
-    from fedray.client import input_size
+    from fedray.models import input_size
 
     run_dir = _find_run_dir(source)
     if run_dir is None:

@@ -468,3 +468,8 @@ def build_model(
     if freeze:
         _freeze_early_stages(model, spec.trainable)
     return model.train()
+
+
+def input_size(config) -> int:
+    """The model's input size for an experiment: data.image_size, else the backbone's own."""
+    return config.data.image_size or BACKBONES[config.model.backbone].input_size

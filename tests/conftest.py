@@ -68,8 +68,8 @@ def shard_dir(tmp_path_factory, synth_table) -> Path:
 
 def local_coordinator(run_dir: Path, shard_dir: Path, **overrides: object):
     """The round loop in this process (LocalPool): no Ray, same code path otherwise."""
-    from fedray.client import HospitalClient
-    from fedray.coordinator import Coordinator, LocalPool
+    from fedray.federation.client import HospitalClient
+    from fedray.federation.coordinator import Coordinator, LocalPool
     from fedray.data.shards import ShardSet
 
     config = tiny_config(run_dir, **overrides)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from fedray.cli import main as cli_main
-from fedray.compare import t_interval, variants
+from fedray.experiments.compare import t_interval, variants
 
 from conftest import tiny_config
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from fedray.artifacts import checkpoint
-from fedray.faults import FaultInjected
+from fedray.federation.faults import FaultInjected
 
 from conftest import local_coordinator
 

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from fedray.cv import METRICS, summarize, to_markdown
+from fedray.experiments.cv import METRICS, summarize, to_markdown
 from fedray.data.pipeline import DataPrepError, build_shards
 from fedray.data.split import assign_fold_splits, assign_folds, assign_splits, check_disjoint
 
@@ -143,12 +143,12 @@ def _fake_centralized(calls: list):
 @pytest.mark.ray
 @pytest.mark.slow
 def test_run_cv_two_folds(ray_session, tmp_path: Path, monkeypatch) -> None:
-    import fedray.centralized
-    from fedray.cv import run_cv
+    import fedray.experiments.centralized
+    from fedray.experiments.cv import run_cv
     from fedray.data.pipeline import load_source
 
     calls: list = []
-    monkeypatch.setattr(fedray.centralized, "run_centralized", _fake_centralized(calls))
+    monkeypatch.setattr(fedray.experiments.centralized, "run_centralized", _fake_centralized(calls))
     config = tiny_config(tmp_path)
     logs: list[str] = []
     folder = run_cv(config, folds=2, centralized=True, output_dir=tmp_path / "cv",

@@ -10,7 +10,7 @@ import pytest
 from opacus.accountants import RDPAccountant
 
 from fedray.artifacts import checkpoint
-from fedray.messages import Failure, FitRes
+from fedray.federation.messages import Failure, FitRes
 from fedray.strategy import DPFedAvg, build_strategy, strategy_params
 from fedray.strategy.aggregate import weighted_average
 

@@ -29,7 +29,7 @@ from fedray.explain import (
     overlay,
     superpixels,
 )
-from fedray.messages import to_numpy
+from fedray.federation.messages import to_numpy
 from fedray.models import BACKBONES, available_backbones, build_model
 
 SIZE = 48  # training/evaluation size of the sanity-check model

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from fedray import runtime
-from fedray.coordinator import Coordinator
+from fedray.federation import runtime
+from fedray.federation.coordinator import Coordinator
 from fedray.data.pipeline import build_shards
 
 from conftest import tiny_config

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 import pytest
 
-from fedray.coordinator import Coordinator
+from fedray.federation.coordinator import Coordinator
 from fedray.data.shards import ShardSet
 
 from conftest import local_coordinator

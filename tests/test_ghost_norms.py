@@ -10,9 +10,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedray.privacy import ghost_norms
-from fedray.client import HospitalClient
+from fedray.federation.client import HospitalClient
 from fedray.data.shards import ShardSet
-from fedray.messages import FitIns
+from fedray.federation.messages import FitIns
 from fedray.models import build_model
 
 from conftest import tiny_config

@@ -399,9 +399,9 @@ def test_service_places_its_replicas(overlay):
 
 def test_train_job_places_every_hospital(overlay):
     """The job's cluster, as it starts, holds every hospital actor of the config it runs
-    (sized by fedray.runtime as the run will size them) and the coordinator."""
+    (sized by fedray.federation.runtime as the run will size them) and the coordinator."""
     from fedray.config import load_config
-    from fedray.runtime import hospital_placement
+    from fedray.federation.runtime import hospital_placement
 
     name, docs = overlay
     (job,) = [d for d in docs if d["kind"] == "RayJob" and d["metadata"]["name"] == "fedray-train"]
@@ -825,7 +825,7 @@ def train_site_problems(docs: list[dict]) -> list[str]:
     them, the coordinator in the driver, and the run folder on the head's runs volume; each
     hospital fits its own site's node and no other."""
     from fedray.config import load_config
-    from fedray.runtime import hospital_placements, unplaceable
+    from fedray.federation.runtime import hospital_placements, unplaceable
 
     (job,) = [d for d in docs if d["kind"] == "RayJob" and d["metadata"]["name"] == "fedray-train"]
     words, path, overrides = config_argument(job["spec"]["entrypoint"])

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from fedray.experiment import progress_line
+from fedray.experiments.experiment import progress_line
 
 from conftest import local_coordinator
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fedray import runtime
+from fedray.federation import runtime
 from fedray.config import load_config
 from fedray.data import sites, synth
 
@@ -126,9 +126,9 @@ SCRIPT = textwrap.dedent("""
         for site in ("hospital_a", "hospital_b"):  # the sites boot while torch is imported
             cluster.add_node(wait=False, num_cpus=1, resources={site: 1},
                              node_ip_address="127.0.0.1")
-        from fedray import runtime
+        from fedray.federation import runtime
         from fedray.config import load_config
-        from fedray.coordinator import Coordinator
+        from fedray.federation.coordinator import Coordinator
 
         def config(*sets):
             return load_config(Path(config_path), list(sets))

@@ -8,10 +8,10 @@ import torch
 from opacus.accountants import RDPAccountant
 
 from fedray import privacy
-from fedray.client import HospitalClient
+from fedray.federation.client import HospitalClient
 from fedray.config import ConfigError
 from fedray.data.shards import ShardSet
-from fedray.messages import FitIns
+from fedray.federation.messages import FitIns
 
 from conftest import local_coordinator, tiny_config
 

@@ -13,10 +13,10 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedray import privacy
-from fedray.client import HospitalClient
+from fedray.federation.client import HospitalClient
 from fedray.config import ConfigError
 from fedray.data.shards import ShardSet
-from fedray.messages import FitIns
+from fedray.federation.messages import FitIns
 
 from conftest import tiny_config
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fedray import experiment
+from fedray.experiments import experiment
 from fedray.cli import main as cli_main
 from fedray.config import load_config
 from fedray.data import synth
@@ -51,7 +51,7 @@ def test_two_hospitals_one_round_on_ray(ray_session, tmp_path: Path) -> None:
 
 
 def test_hospitals_are_separate_processes_with_matched_threads(ray_session, tmp_path) -> None:
-    from fedray import runtime
+    from fedray.federation import runtime
     from fedray.data.pipeline import build_shards, load_source
 
     config = tiny_config(tmp_path)
@@ -68,7 +68,7 @@ def test_hospitals_are_separate_processes_with_matched_threads(ray_session, tmp_
 
 
 def test_hospital_that_cannot_start_is_named(ray_session, tmp_path) -> None:
-    from fedray import runtime
+    from fedray.federation import runtime
     from fedray.data.pipeline import build_shards, load_source
 
     config = tiny_config(tmp_path)

@@ -19,8 +19,8 @@ import pytest
 from PIL import Image
 
 from fedray import report
-from fedray.client import HospitalClient
-from fedray.coordinator import Coordinator, LocalPool
+from fedray.federation.client import HospitalClient
+from fedray.federation.coordinator import Coordinator, LocalPool
 from fedray.data.pipeline import build_shards
 from fedray.data.shards import ShardSet
 

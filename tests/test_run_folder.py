@@ -11,7 +11,7 @@ import torch
 
 from fedray.artifacts import checkpoint, run_folder
 from fedray.config import load_config
-from fedray.messages import to_torch
+from fedray.federation.messages import to_torch
 
 from test_report import make_run
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from fedray.config import ConfigError, load_config
-from fedray.coordinator import Coordinator, LocalPool, cross_site_duplicates
-from fedray.client import HospitalClient
+from fedray.federation.coordinator import Coordinator, LocalPool, cross_site_duplicates
+from fedray.federation.client import HospitalClient
 from fedray.data import sites, synth
 from fedray.data.pipeline import DataPrepError
 

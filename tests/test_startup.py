@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from fedray import runtime
+from fedray.federation import runtime
 from fedray.config import load_config
 
 from conftest import tiny_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# What a hospital actor (it imports fedray.runtime for its class), `fedray train`'s command
+# What a hospital actor (it imports fedray.federation.runtime for its class), `fedray train`'s command
 # line and fedray.models load; one fresh interpreter answers all three.
 PROBE = """
 import json, sys
@@ -23,7 +23,7 @@ cli.build_parser(["train", "--config", "x.yaml"])
 after_cli = set(sys.modules)
 import fedray.models
 after_models = set(sys.modules)
-import fedray.runtime
+import fedray.federation.runtime
 after_runtime = set(sys.modules)
 print(json.dumps({"cli": sorted(after_cli), "models": sorted(after_models),
                   "runtime": sorted(after_runtime)}))
@@ -47,7 +47,7 @@ def test_models_registry_does_not_import_torchvision(imported) -> None:
 
 
 def test_hospital_actor_module_loads_no_coordinator_dp_or_report_code(imported) -> None:
-    heavy = {"fedray.coordinator", "fedray.metrics", "sklearn", "opacus", "captum",
+    heavy = {"fedray.federation.coordinator", "fedray.metrics", "sklearn", "opacus", "captum",
              "matplotlib", "fedray.report", "fedray.explain", "ray.tune", "ray.serve"}
     assert not heavy & imported["runtime"]
 
@@ -85,7 +85,7 @@ def test_coordinator_stays_an_actor_on_a_cluster_or_with_resources(monkeypatch) 
 @pytest.mark.parametrize("overrides", [{}, {"runtime.coordinator_num_cpus": 0.5}],
                          ids=["coordinator-in-driver", "coordinator-actor"])
 def test_run_records_its_startup(ray_session, tmp_path: Path, overrides: dict) -> None:
-    from fedray import experiment
+    from fedray.experiments import experiment
 
     lines: list[str] = []
     config = tiny_config(tmp_path, **overrides)

@@ -9,7 +9,7 @@ import torch
 import torchvision
 
 from fedray.artifacts import checkpoint
-from fedray.messages import FitRes
+from fedray.federation.messages import FitRes
 from fedray.models import build_model
 from fedray.strategy import (FedAdagrad, FedAdam, FedAvg, FedBN, FedMedian, FedProx,
                              FedTrimmedAvg, FedYogi, Strategy, build_strategy)
@@ -125,7 +125,7 @@ def test_robust_functions_reject_bad_input() -> None:
 # ---- configure ---------------------------------------------------------------------------
 
 def test_configure_outputs() -> None:
-    from fedray.messages import RoundConfig
+    from fedray.federation.messages import RoundConfig
 
     assert FedAvg().configure(1) == RoundConfig()
     assert FedProx(mu=0.1).configure(3) == RoundConfig(proximal_mu=0.1)
@@ -141,7 +141,7 @@ def test_base_strategy_configure_is_empty() -> None:
         def aggregate(self, round_number, current, results, failures):
             return None
 
-    from fedray.messages import RoundConfig
+    from fedray.federation.messages import RoundConfig
 
     assert Minimal().configure(7) == RoundConfig()
 

@@ -3,7 +3,7 @@ from collections import OrderedDict
 import numpy as np
 import pytest
 
-from fedray.messages import Failure, FitRes
+from fedray.federation.messages import Failure, FitRes
 from fedray.strategy import FedAvg, build_strategy
 from fedray.strategy.aggregate import weighted_average
 
@@ -94,7 +94,7 @@ def test_strategy_contract_is_explicit() -> None:
     import pytest
     from torch import nn
 
-    from fedray.messages import Failure, FailureKind, RoundConfig
+    from fedray.federation.messages import Failure, FailureKind, RoundConfig
     from fedray.strategy import build_strategy
 
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.GroupNorm(2, 4), nn.Flatten(), nn.LazyLinear(4))

@@ -12,7 +12,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from fedray import cli, runtime
+from fedray import cli
+from fedray.federation import runtime
 from fedray.experiments import tune as sweeps
 from fedray.config import ConfigError
 
@@ -217,7 +218,7 @@ def test_the_last_round_reports_after_the_final_evaluation(tmp_path, monkeypatch
     """So that ASHA, deciding on the last round, cannot kill a trial before it saves its model."""
     from ray import tune
 
-    from fedray import experiment
+    from fedray.experiments import experiment
 
     events: list[tuple] = []
 

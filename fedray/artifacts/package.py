@@ -40,6 +40,7 @@ import numpy as np
 from fedray.artifacts.ood import last_linear as _last_linear  # noqa: F401
 from fedray.artifacts.ood import logits_and_features as _logits_and_features
 from fedray.artifacts.ood import ood_scores
+from fedray.artifacts import run_folder as rf
 
 if TYPE_CHECKING:  # torch loads only when a package is made or used, not for the CLI's parser
     import torch
@@ -54,7 +55,7 @@ SCRIPTED = "model.ts"
 CONFIG = "config.yaml"
 OOD = "ood.safetensors"
 OOD_QUANTILE = 0.99
-OOD_CALIBRATION, OOD_CENTROIDS = "ood.json", "ood_centroids.safetensors"  # a site run's
+OOD_CALIBRATION, OOD_CENTROIDS = rf.OOD_CALIBRATION, rf.OOD_CENTROIDS  # a site run's
 SCRIPT_TOLERANCE = 1e-4
 # card fields the loader and the service read: (dotted path, type); a card without one is refused
 REQUIRED_FIELDS: tuple[tuple[str, type | tuple[type, ...]], ...] = (
@@ -205,7 +206,7 @@ class ModelPackage:
 
 def _build_eager(folder: Path, card: dict) -> nn.Module:
     from fedray.artifacts import checkpoint
-    from fedray.messages import to_torch
+    from fedray.federation.messages import to_torch
     from fedray.models import build_model
 
     m = card["model"]
@@ -334,7 +335,7 @@ def _data_summary(run_dir: Path) -> dict[str, Any]:
     for shards in (run_dir / "data" / "shards.json", run_dir / SHARDS_USED):
         if shards.is_file():
             return json.loads(shards.read_text()).get("counts", {})
-    sites = run_dir / "data" / "sites.json"
+    sites = run_dir / rf.DATA / rf.SITE_COUNTS
     if sites.is_file():  # site mode: the counts each site sent of its local splits
         return {f"{h} {split}": counts for h, splits in json.loads(sites.read_text())["sites"].items()
                 for split, counts in (splits or {}).items()}
@@ -517,7 +518,7 @@ def _write_package(run_dir: Path, output: Path, *, name: str | None, version: st
                    formats: tuple[str, ...], ood_quantile: float,
                    sweep_total: dict | None = None) -> Path:
     from fedray import __version__
-    from fedray.client import input_size
+    from fedray.models import input_size
     from fedray.config import load_config
     from fedray.data.labels import CLASSES
     from fedray.data.transforms import IMAGENET_MEAN, IMAGENET_STD

@@ -12,6 +12,10 @@ Light at import (torch and the checkpoint format load when a model does).
     RUN/report/                `fedray report`                  REPORT
     RUN/shards_used.json       shards shared from elsewhere     SHARDS_USED
     RUN/startup.json           where each process started       STARTUP
+    RUN/sites/<name>/          simulated site folders           SITES
+    RUN/data/sites.json        the counts each site sent        DATA, SITE_COUNTS
+    RUN/server_ledger.json     DP-FedAvg's ledger               SERVER_LEDGER
+    RUN/ood.json, ood_centroids.safetensors  federated OOD      OOD_CALIBRATION, OOD_CENTROIDS
     RUN/evaluation_<split>.json  `fedray evaluate`              evaluation_path()
 """
 
@@ -38,7 +42,12 @@ SHARDS = "shards.json"
 REPORT = "report"
 SHARDS_USED = "shards_used.json"
 STARTUP = "startup.json"
-LOCAL_MODEL = "local_model.safetensors"  # in hospitals/<name>/
+LOCAL_MODEL = "local_model.safetensors"  # in a hospital's state folder
+SITES = "sites"  # RUN/sites/<name>/: a pooled source divided into site folders (simulation)
+SITE_COUNTS = "sites.json"  # RUN/data/sites.json: the counts each site sent
+SERVER_LEDGER = "server_ledger.json"  # DP-FedAvg's client-level ledger
+OOD_CALIBRATION = "ood.json"  # a site-mode run's federated OOD calibration
+OOD_CENTROIDS = "ood_centroids.safetensors"
 
 
 def is_run(folder: Path) -> bool:
@@ -82,7 +91,7 @@ def build_run_model(model: ModelConfig) -> nn.Module:
 
 def load_weights_into(model: nn.Module, weights: Path) -> nn.Module:
     from fedray.artifacts import checkpoint
-    from fedray.messages import to_torch
+    from fedray.federation.messages import to_torch
 
     model.load_state_dict(to_torch(checkpoint.load_weights(weights)))
     return model
@@ -96,27 +105,12 @@ def model_from_run(run_dir: Path, which: Literal["best"] | Path = "best") -> nn.
     return load_weights_into(build_run_model(load_run_config(run_dir).model), weights)
 
 
-def _evaluate_at_sites(run_dir: Path, config: ExperimentConfig, split: str) -> dict:
-    """A site-mode run's model, evaluated where the data lives: each site's hospital scores it
-    on its local split and sends counts; pooled metrics with `sites` beside them."""
-    from fedray import runtime
-    from fedray.artifacts import checkpoint
-
-    scores = runtime.evaluate_at_sites(config, checkpoint.load_weights(run_weights(run_dir)),
-                                       split, work_dir=run_dir)
-    if "pooled" not in scores:
-        raise ValueError(f"{run_dir}: no site holds a local '{split}' split")
-    metrics = {**scores.pop("pooled"), "sites": scores}
-    evaluation_path(run_dir, split).write_text(json.dumps(metrics, indent=2))
-    return metrics
-
-
 def evaluate_run(run_dir: Path, split: str = "test") -> dict:
     """Evaluate a finished (or stopped) run's global model on one of its held-out shards."""
     from torch.utils.data import DataLoader
 
     from fedray import engine
-    from fedray.client import input_size
+    from fedray.models import input_size
     from fedray.data.labels import CLASSES
     from fedray.data.shards import ShardDataset, ShardSet
     from fedray.data.transforms import eval_preset
@@ -125,7 +119,8 @@ def evaluate_run(run_dir: Path, split: str = "test") -> dict:
     run_dir = Path(run_dir)
     config = load_run_config(run_dir)
     if config.data.source == "sites" and not (run_dir / DATA / SHARDS).is_file():
-        return _evaluate_at_sites(run_dir, config, split)
+        raise ValueError(f"{run_dir}: a site-mode run is evaluated at its sites "
+                         "(fedray.experiments.experiment.evaluate_run, `fedray evaluate`)")
     shards = ShardSet.load(run_dir / DATA)
     file = shards.test if split == "test" else shards.val
     if file is None:

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 
 from fedray import engine
 from fedray.artifacts import run_folder
-from fedray.client import input_size
+from fedray.models import input_size
 from fedray.config import ExperimentConfig
 from fedray.data.shards import ShardDataset, ShardSet
 from fedray.data.transforms import eval_preset

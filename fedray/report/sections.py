@@ -12,7 +12,7 @@ from torch import nn
 
 from fedray import engine
 from fedray.artifacts.run_folder import run_weights
-from fedray.client import input_size
+from fedray.models import input_size
 from fedray.data.labels import CLASSES
 from fedray.report.checks import SHORTCUT_MARGIN, CrossSite, Leakage, shortcut_flag
 from fedray.report.document import Block, Section, Table, Text, _fmt

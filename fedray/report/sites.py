@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from fedray.data.labels import CLASSES
+from fedray.artifacts import run_folder as rf
 from fedray.report.document import Block, Figure, Section, Table, Text, _write
 from fedray.report.figures import _figure, _save, overview, plot_confusion
 from fedray.report.run import Run
@@ -44,7 +45,7 @@ def plot_roc_from_stats(stats: dict, path: Path) -> Figure:
 
 
 def data_section(run: Run) -> Section:
-    path = run.dir / "data" / "sites.json"
+    path = run.dir / rf.DATA / rf.SITE_COUNTS
     sites = json.loads(path.read_text())["sites"] if path.is_file() else {}
     rows = []
     for name, splits in sorted(sites.items()):

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from fedray.messages import Failure, FitRes, RoundConfig
+from fedray.federation.messages import Failure, FitRes, RoundConfig
 
 
 class Strategy(ABC):

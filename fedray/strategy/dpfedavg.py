@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from fedray.messages import Failure, FitRes
+from fedray.federation.messages import Failure, FitRes
 from fedray.strategy.base import Strategy
 
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fedray.messages import Failure, FitRes, RoundConfig
+from fedray.federation.messages import Failure, FitRes, RoundConfig
 from fedray.strategy.aggregate import weighted_average
 from fedray.strategy.base import Strategy
 

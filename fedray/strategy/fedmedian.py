@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from fedray.messages import Failure, FitRes
+from fedray.federation.messages import Failure, FitRes
 from fedray.strategy.aggregate import coordinate_median
 from fedray.strategy.base import Strategy
 

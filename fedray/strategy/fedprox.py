@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from fedray.messages import RoundConfig
+from fedray.federation.messages import RoundConfig
 from fedray.strategy.fedavg import FedAvg
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 
-from fedray.messages import Failure, FitRes
+from fedray.federation.messages import Failure, FitRes
 from fedray.strategy.aggregate import trimmed_mean
 from fedray.strategy.base import Strategy
 

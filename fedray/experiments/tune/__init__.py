@@ -143,7 +143,7 @@ def _shared_shards(sweep: Sweep, folder: str, log: Callable[[str], None]) -> str
     trial makes its own shards in its run folder."""
     if not sweep.shares_shards() or _is_uri(folder):
         return None
-    from fedray import experiment
+    from fedray.experiments import experiment
 
     experiment.prepare_data(sweep.base, Path(folder), log)
     return str(Path(folder) / "data")
@@ -154,7 +154,7 @@ def run_sweep(sweep: Sweep, *, output_dir: str | Path | None = None, verbose: in
     """Run every trial of the sweep on the connected (or a new local) Ray; write the table."""
     from ray import tune
 
-    from fedray import runtime
+    from fedray.federation import runtime
 
     storage = resolve_storage(output_dir if output_dir is not None else sweep.config.storage)
     runtime.init_ray(sweep.base.runtime)
@@ -198,7 +198,7 @@ def resume_sweep(folder: str | Path, *, verbose: int = 1,
     ones continue (each from its run folder's last completed round)."""
     from ray import tune
 
-    from fedray import runtime
+    from fedray.federation import runtime
 
     folder = resolve_storage(folder)
     sweep = load_saved(folder)

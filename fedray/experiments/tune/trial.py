@@ -32,7 +32,7 @@ COORDINATOR_MIN_CPUS = 0.01
 def trial_resources(config: ExperimentConfig) -> list[dict[str, float]]:
     """The bundles one trial reserves: the coordinator's (the trial driver sits in it too),
     then one per hospital, in hospital order; runtime.py puts hospital i in bundle i + 1."""
-    from fedray import runtime
+    from fedray.federation import runtime
     from fedray.data.partition import hospital_names
 
     rt = config.runtime
@@ -54,7 +54,7 @@ def unplaceable_trial(bundles: list[dict[str, float]],
     autoscaling cluster adds nodes for them. Tune would wait forever on a bundle no node fits.
     """
     from fedray.data.partition import hospital_names
-    from fedray.runtime import format_resources, unplaceable
+    from fedray.federation.runtime import format_resources, unplaceable
 
     coordinator, hospitals = bundles[0], bundles[1:]
     if not any(all(n.get(k, 0.0) >= v for k, v in coordinator.items()) for n in nodes):
@@ -67,7 +67,7 @@ def unplaceable_trial(bundles: list[dict[str, float]],
 def trial_outgrows_cluster(bundles: list[dict[str, float]],
                            nodes: list[dict[str, float]]) -> str | None:
     """Why one trial does not fit the cluster as it is now (None: it does), for a warning."""
-    from fedray.runtime import format_resources
+    from fedray.federation.runtime import format_resources
 
     need: dict[str, float] = {}
     for bundle in bundles:
@@ -162,7 +162,7 @@ def run_trial(params: dict[str, Any], *, base_yaml: str, sweep_dir: str,
     """
     from ray import tune
 
-    from fedray import experiment
+    from fedray.experiments import experiment
     from fedray.data.shards import ShardSet
 
     context = tune.get_context()

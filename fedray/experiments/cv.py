@@ -23,9 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
-from fedray import experiment
+from fedray.experiments import experiment
 from fedray.artifacts import atomic
-from fedray.compare import privacy_total_markdown
+from fedray.artifacts import run_folder as rf
+from fedray.experiments.compare import privacy_total_markdown
 from fedray.config import ExperimentConfig
 from fedray.data.pipeline import build_shards, counts_table, load_source
 from fedray.data.split import assign_fold_splits
@@ -110,7 +111,7 @@ def run_cv(config: ExperimentConfig, *, folds: int = 5, centralized: bool = Fals
         suffix += 1
         folder = base.with_name(f"{base.name}-{suffix}")
     folder.mkdir(parents=True)
-    (folder / "config.yaml").write_text(config.to_yaml())
+    atomic.write_text(folder / rf.CONFIG, config.to_yaml())
 
     start = time.perf_counter()
     table = load_source(config.data, config.seed)
@@ -129,9 +130,9 @@ def run_cv(config: ExperimentConfig, *, folds: int = 5, centralized: bool = Fals
         splits = assign_fold_splits(table, folds=folds, fold=k, val=sp.val, seed=config.seed,
                                     group_aware=sp.group_aware)
         shards = build_shards(table, config.data, config.federation.hospitals, config.seed,
-                              fold_dir / "data", splits=splits)
+                              fold_dir / rf.DATA, splits=splits)
         sizes = {s: int(np.sum(splits == s)) for s in ("train", "val", "test")}
-        (fold_dir / "data" / "fold.json").write_text(json.dumps(
+        (fold_dir / rf.DATA / "fold.json").write_text(json.dumps(
             {"folds": folds, "fold": k, "seed": config.seed, **sizes}, indent=2))
         result["fold_sizes"].append({"fold": k, **sizes})
         log(counts_table(shards))
@@ -142,8 +143,8 @@ def run_cv(config: ExperimentConfig, *, folds: int = 5, centralized: bool = Fals
         run_dirs.append(run.run_dir)
         result["privacy_total"] = total_epsilon(run_dirs)
         if centralized:
-            from fedray.centralized import run_centralized
-            from fedray.runtime import init_ray
+            from fedray.experiments.centralized import run_centralized
+            from fedray.federation.runtime import init_ray
 
             log(f"== fold {k + 1}/{folds}: centralized (Ray Train)")
             init_ray(config.runtime)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedray import experiment
+from fedray.experiments import experiment
 from fedray.artifacts import atomic, checkpoint
 from fedray.config import ExperimentConfig, load_config
 from fedray.privacy.totals import total_epsilon
@@ -288,8 +288,8 @@ def run_comparison(config: ExperimentConfig, strategies: list[str], *, centraliz
                 "epsilon_max": _epsilon(result.final)}
 
     def centralized_arm(seeded: ExperimentConfig, seed: int) -> dict:
-        from fedray.centralized import run_centralized_sites
-        from fedray.runtime import init_ray
+        from fedray.experiments.centralized import run_centralized_sites
+        from fedray.federation.runtime import init_ray
 
         init_ray(config.runtime)
         final = run_centralized_sites(seeded, folder / "runs" / CENTRALIZED / f"s{seed}",

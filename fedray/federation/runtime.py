@@ -16,10 +16,11 @@ from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 from ray.util.placement_group import PlacementGroup, get_current_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from fedray.client import HospitalClient
+from fedray.federation.client import HospitalClient
 from fedray.config import ExperimentConfig, RuntimeConfig
+from fedray.artifacts import run_folder as rf
 from fedray.data.shards import ShardSet
-from fedray.messages import Failure, FitIns, FitRes
+from fedray.federation.messages import Failure, FitIns, FitRes
 from fedray.privacy.errors import PrivacyBudgetExhausted
 
 
@@ -153,12 +154,12 @@ def hospital_placements(runtime: RuntimeConfig, names: list[str],
 
 def bundle_placements(names: list[str], bundles: list[dict[str, float]]) -> dict[str, Placement]:
     """Inside a trial's placement group hospital i takes bundle i + 1 whole; bundle 0 is the
-    coordinator's (fedray.tune.trial_resources lays them out)."""
+    coordinator's (fedray.experiments.tune.trial_resources lays them out)."""
     if len(bundles) != len(names) + 1:
         raise StartupError(
             f"this run is inside a placement group of {len(bundles)} bundles, but it needs "
             f"{len(names) + 1}: the coordinator's, then one per hospital "
-            "(see fedray.tune.trial_resources)")
+            "(see fedray.experiments.tune.trial_resources)")
     return {name: Placement(num_cpus=b.get("CPU", 0.0), num_gpus=b.get("GPU", 0.0),
                             threads=max(1, math.floor(b.get("CPU", 0.0))),
                             resources=_custom(b), bundle=i + 1)
@@ -260,7 +261,7 @@ def hospital_state_dir(config: ExperimentConfig, run_dir: Path, name: str) -> Pa
     shared run folder; otherwise hospitals/<name> in the run folder."""
     site = config.data.sites.get(name) if config.data.source == "sites" else None
     if site is None:
-        return Path(run_dir) / "hospitals" / name
+        return rf.hospital_dir(run_dir, name)
     return Path(site.state_dir or Path(site.path) / ".fedray-state") / Path(run_dir).name
 
 
@@ -434,7 +435,7 @@ class CoordinatorHost:
     """What runs the coordinator, in its own actor or in the driver: it builds the global
     model and decodes the evaluation shards while the hospitals start, then waits for them.
 
-    `fedray.coordinator` (scikit-learn's metrics with it) is imported here, not at the top of
+    `fedray.federation.coordinator` (scikit-learn's metrics with it) is imported here, not at the top of
     this module, so hospital actors, which import this module for their class, never load it.
     """
 
@@ -442,7 +443,7 @@ class CoordinatorHost:
                  pool: RayPool, resume: bool, num_threads: int | None,
                  launched: float | None = None) -> None:
         begun = time.time()
-        from fedray.coordinator import Coordinator
+        from fedray.federation.coordinator import Coordinator
 
         self.pool = pool
         try:

@@ -18,17 +18,16 @@ from torch.utils.data import DataLoader
 
 from fedray import engine, privacy
 from fedray.artifacts import checkpoint
+from fedray.artifacts import run_folder as rf
 from fedray.config import ExperimentConfig, SiteConfig
 from fedray.data.labels import CLASSES
 from fedray.data.shards import ShardDataset
 from fedray.data.transforms import eval_preset, train_preset
-from fedray.faults import FaultInjector
-from fedray.messages import FitIns, FitRes, to_numpy, to_torch
-from fedray.models import BACKBONES, build_model
+from fedray.federation.faults import FaultInjector
+from fedray.federation.messages import FitIns, FitRes, to_numpy, to_torch
+from fedray.models import build_model, input_size  # noqa: F401 - input_size: importers
 
 
-def input_size(config: ExperimentConfig) -> int:
-    return config.data.image_size or BACKBONES[config.model.backbone].input_size
 
 
 class HospitalClient:
@@ -250,7 +249,7 @@ class HospitalClient:
         if self.state_dir is None:
             return None
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        path = self.state_dir / "local_model.safetensors"
+        path = self.state_dir / rf.LOCAL_MODEL
         checkpoint.save_weights(to_numpy(self.model.state_dict()), path,
                                 self.faults.write_hook(None))
         return str(path)

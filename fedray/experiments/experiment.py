@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedray.artifacts import atomic
+from fedray.artifacts import run_folder as rf
 from fedray.config import ConfigError, ExperimentConfig, load_config
 from fedray.data.labels import CLASSES
 from fedray.data.pipeline import build_shards, counts_table, load_source
@@ -20,9 +21,9 @@ from fedray.metrics import format_table
 
 # Where a run given shards made elsewhere (a sweep's, cross-validation's) records their counts;
 # a run that makes its own keeps them in data/shards.json.
-SHARDS_USED = "shards_used.json"
+SHARDS_USED = rf.SHARDS_USED
 # Where each run records how long it took to reach its first round, and why.
-STARTUP = "startup.json"
+STARTUP = rf.STARTUP
 
 
 @dataclass
@@ -47,7 +48,7 @@ def new_run_dir(config: ExperimentConfig, output_dir: Path | None = None) -> Pat
 
 
 def load_run_config(run_dir: Path, overrides: list[str] | None = None) -> ExperimentConfig:
-    path = run_dir / "config.yaml"
+    path = run_dir / rf.CONFIG
     if not path.is_file():
         raise ConfigError(f"cannot resume {run_dir}: no config.yaml there (is it a run folder?)")
     return load_config(path, overrides)
@@ -61,7 +62,7 @@ def prepare_data(config: ExperimentConfig, run_dir: Path,
         log(f"data: {len(config.data.sites)} sites; each hospital reads, splits and evaluates "
             "on its own folder")
         return None
-    shard_dir = run_dir / "data"
+    shard_dir = run_dir / rf.DATA
     if (shard_dir / "shards.json").is_file():
         return ShardSet.load(shard_dir)
     start = time.perf_counter()
@@ -73,7 +74,7 @@ def prepare_data(config: ExperimentConfig, run_dir: Path,
     return shards
 
 
-SIMULATED_SITES = "sites"
+SIMULATED_SITES = rf.SITES
 
 
 def simulate_sites(config: ExperimentConfig, run_dir: Path,
@@ -96,7 +97,7 @@ def simulate_sites(config: ExperimentConfig, run_dir: Path,
             f"({config.data.partition.scheme} partition; whole patients per site)")
     data = config.data.model_copy(update={
         "source": "sites",
-        "sites": {n: SiteConfig(path=root / n, state_dir=run_dir / "hospitals" / n) for n in names}})
+        "sites": {n: SiteConfig(path=root / n, state_dir=rf.hospital_dir(run_dir, n)) for n in names}})
     return config.model_copy(update={"data": data})
 
 
@@ -124,8 +125,8 @@ def site_table(hospitals: dict[str, dict]) -> str | None:
 
 def evaluate_at_sites(config: ExperimentConfig, weights: dict, split: str = "test",
                       work_dir: Path | None = None) -> dict[str, dict]:
-    """Score one model at every site (see fedray.runtime.evaluate_at_sites)."""
-    from fedray import runtime
+    """Score one model at every site (see fedray.federation.runtime.evaluate_at_sites)."""
+    from fedray.federation import runtime
 
     return runtime.evaluate_at_sites(config, weights, split, work_dir)
 
@@ -133,7 +134,7 @@ def evaluate_at_sites(config: ExperimentConfig, weights: dict, split: str = "tes
 def record_sites(hospitals: dict[str, dict], run_dir: Path) -> None:
     """The sites' class tables (counts, as they sent them) in the run folder (data/sites.json)."""
     counts = {name: info.get("splits") for name, info in sorted(hospitals.items())}
-    atomic.write_json(run_dir / "data" / "sites.json", {"sites": counts})
+    atomic.write_json(run_dir / rf.DATA / rf.SITE_COUNTS, {"sites": counts})
 
 
 def progress_line(record: dict, rounds: int) -> str:
@@ -192,13 +193,13 @@ def run(config: ExperimentConfig, *, output_dir: Path | None = None, resume: Pat
     sweeps); the run folder records their counts.
     `on_start` learns the run folder before the first round (a sweep's trial reports it).
     """
-    from fedray import runtime
+    from fedray.federation import runtime
 
     start = time.perf_counter()
     run_dir = Path(resume).resolve() if resume else new_run_dir(config, output_dir)
     if shards is None and config.data.source != "sites":
         config = simulate_sites(config, run_dir, log)
-    atomic.write_text(run_dir / "config.yaml", config.to_yaml())
+    atomic.write_text(run_dir / rf.CONFIG, config.to_yaml())
     log(f"run folder: {run_dir}")
     if on_start:
         on_start(run_dir)
@@ -240,7 +241,7 @@ def run(config: ExperimentConfig, *, output_dir: Path | None = None, resume: Pat
         final = coordinator.finish()
     finally:
         coordinator.close()
-    history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    history = [json.loads(line) for line in (run_dir / rf.METRICS_JSONL).read_text().splitlines()]
     seconds = time.perf_counter() - start
     log(f"finished: {final['stop_reason']}; best round {final['best_round']}; {seconds:.1f}s, "
         f"{startup['to_first_round_s']:.1f}s of it to the first round")
@@ -250,3 +251,23 @@ def run(config: ExperimentConfig, *, output_dir: Path | None = None, resume: Pat
         log(f"worst site: {w['hospital']} (test balanced accuracy {w['balanced_accuracy']:.4f})")
     return RunResult(run_dir, final, history, seconds, startup)
 
+
+def evaluate_run(run_dir: Path, split: str = "test") -> dict:
+    """A run's saved model on one of its held-out splits: its shards, or, for a site-mode run,
+    at its sites, where each hospital scores it on its local split and sends counts (pooled
+    metrics, with `sites` beside them); written to evaluation_<split>.json."""
+    from fedray.artifacts import checkpoint, run_folder
+
+    run_dir = Path(run_dir)
+    config = run_folder.load_run_config(run_dir)
+    if config.data.source != "sites" or (run_dir / run_folder.DATA / run_folder.SHARDS).is_file():
+        return run_folder.evaluate_run(run_dir, split)
+    from fedray.federation import runtime
+
+    weights = checkpoint.load_weights(run_folder.run_weights(run_dir))
+    scores = runtime.evaluate_at_sites(config, weights, split, work_dir=run_dir)
+    if "pooled" not in scores:
+        raise ValueError(f"{run_dir}: no site holds a local '{split}' split")
+    metrics = {**scores.pop("pooled"), "sites": scores}
+    atomic.write_json(run_folder.evaluation_path(run_dir, split), metrics)
+    return metrics

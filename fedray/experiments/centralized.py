@@ -22,12 +22,12 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from fedray import engine
 from fedray.artifacts import checkpoint, run_folder
-from fedray.client import input_size
+from fedray.models import input_size
 from fedray.config import ExperimentConfig
 from fedray.data.labels import CLASSES
 from fedray.data.shards import ShardDataset, ShardSet
 from fedray.data.transforms import eval_preset, train_preset
-from fedray.messages import to_numpy
+from fedray.federation.messages import to_numpy
 from fedray.metrics import classification_metrics
 from fedray.models import build_model
 

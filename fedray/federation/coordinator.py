@@ -19,14 +19,16 @@ from torch.utils.data import DataLoader
 
 from fedray import engine
 from fedray.artifacts import checkpoint
+from fedray.artifacts import run_folder as rf
 from fedray.artifacts import atomic
-from fedray.client import HospitalClient, input_size
+from fedray.federation.client import HospitalClient
+from fedray.models import input_size
 from fedray.config import ExperimentConfig
 from fedray.data.labels import CLASSES
 from fedray.data.shards import ShardDataset, ShardSet
 from fedray.data.transforms import eval_preset
-from fedray.faults import FaultInjected, FaultInjector
-from fedray.messages import Failure, FitIns, FitRes, to_numpy, to_torch
+from fedray.federation.faults import FaultInjected, FaultInjector
+from fedray.federation.messages import Failure, FitIns, FitRes, to_numpy, to_torch
 from fedray.metrics import add_stats, classification_metrics, metrics_from_stats
 from fedray.models import build_model
 from fedray.privacy.errors import PrivacyBudgetExhausted
@@ -124,7 +126,7 @@ class Coordinator:
             torch.set_num_threads(num_threads)
         self.config = config
         self.run_dir = Path(run_dir)
-        self.checkpoints = self.run_dir / "checkpoints"
+        self.checkpoints = self.run_dir / rf.CHECKPOINTS
         self.pool = pool
         fed, t = config.federation, config.training
         self.strategy = build_strategy(fed.strategy.name, fed.min_clients, fed.fraction,
@@ -224,7 +226,7 @@ class Coordinator:
         self.history.append(record)
         self._save_server_ledger()
         self._checkpoint()
-        atomic.append_line(self.run_dir / "metrics.jsonl", json.dumps(record))
+        atomic.append_line(self.run_dir / rf.METRICS_JSONL, json.dumps(record))
         return record
 
     @property
@@ -335,9 +337,9 @@ class Coordinator:
         final["privacy"] = self.privacy_summary()
         if self.skipped:
             final["resume_skipped"] = self.skipped
-        checkpoint.save_weights(self.best_weights, self.run_dir / "model.safetensors")
+        checkpoint.save_weights(self.best_weights, self.run_dir / rf.MODEL)
         self.pool.save_local_models()
-        atomic.write_json(self.run_dir / "metrics.json", final)
+        atomic.write_json(self.run_dir / rf.METRICS, final)
         return final
 
     def _calibrate_ood(self) -> None:
@@ -455,7 +457,7 @@ class Coordinator:
         return self.round
 
     def _rewrite_metrics(self) -> None:
-        atomic.write_text(self.run_dir / "metrics.jsonl",
+        atomic.write_text(self.run_dir / rf.METRICS_JSONL,
                           "".join(json.dumps(rec) + "\n" for rec in self.history))
 
     def _restore_pool(self) -> None:
@@ -474,8 +476,8 @@ class Coordinator:
             self.strategy.load_state_dict(state)
 
 
-SERVER_LEDGER = "server_ledger.json"
-OOD_CALIBRATION, OOD_CENTROIDS = "ood.json", "ood_centroids.safetensors"
+SERVER_LEDGER = rf.SERVER_LEDGER
+OOD_CALIBRATION, OOD_CENTROIDS = rf.OOD_CALIBRATION, rf.OOD_CENTROIDS
 NOT_A_GUARANTEE = ("privacy.reproducible_noise is on: the DP noise can be recomputed from the "
                    "config, so epsilon is NOT a privacy guarantee (debugging only)")
 
