@@ -85,6 +85,29 @@ def test_preprocess_matches_the_training_eval_transform(package, shard_dir):
         pkg.preprocess([images[0][..., 0]])
 
 
+@pytest.mark.parametrize("side", [20, 50, 96])
+def test_training_and_serving_preprocess_agree_at_other_sizes(package, side):
+    """One recipe: the same PNG, at a size other than the model's, becomes the same tensor
+    through the shard decoder (training) and through the package (serving)."""
+    import io
+
+    import pyarrow as pa
+    from PIL import Image
+
+    from fedray.data.decode import open_rgb
+    from fedray.data.shards import ShardDataset
+    from fedray.data.transforms import eval_preset
+
+    rng = np.random.default_rng(side)
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (side, side + 7, 3), dtype=np.uint8)).save(buffer, "PNG")
+    table = pa.table({"path": ["x.png"], "label": ["Pre"], "group": ["p"], "sha256": ["h"],
+                      "image": [buffer.getvalue()]})
+    trained = ShardDataset.from_table(table, 32, eval_preset(32))[0][0]
+    served = load_package(package).preprocess([np.asarray(open_rgb(buffer.getvalue()))])[0]
+    assert torch.allclose(trained, served.cpu(), atol=1e-6)
+
+
 def test_card_describes_the_run(trained_run, package):
     card = verify_package(package)
     final = json.loads((trained_run / "metrics.json").read_text())

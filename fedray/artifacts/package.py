@@ -145,9 +145,11 @@ class ModelPackage:
     def preprocess(self, images: list[np.ndarray]) -> Tensor:
         """RGB uint8 HxWx3 images -> the normalised batch the model was trained on.
 
-        Resizing is PIL bilinear to image_size x image_size, exactly as shards were decoded.
+        Resizing is fedray.data.decode.resized, the function shards are decoded with.
         """
         from PIL import Image
+
+        from fedray.data.decode import resized
 
         size = self.image_size
         batch = np.empty((len(images), size, size, 3), dtype=np.uint8)
@@ -156,7 +158,7 @@ class ModelPackage:
                 raise ValueError(f"image {i}: expected an RGB uint8 HxWx3 array, got "
                                  f"{image.dtype} {tuple(image.shape)}")
             if image.shape[:2] != (size, size):
-                image = np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR))
+                image = resized(Image.fromarray(image), size)
             batch[i] = image
         import torch
 
