@@ -388,10 +388,11 @@ def test_on_remote_storage_run_folders_are_uploaded_and_exported_by_uri(
     assert best["status"] == "completed" and best["run_dir"].startswith(uploaded + "/")
     run = Path(best["run_dir"].removeprefix("file://"))
     assert (run / "model.safetensors").is_file()
-    assert (run / "data" / "shards.json").is_file()  # the trial's own shards, uploaded with it
+    assert (run / "data" / "sites.json").is_file()  # the trial's own sites, uploaded with it
+    assert (run / "sites" / "hospital_a").is_dir()
     assert cli.main(["export", result.folder, "--output", str(tmp_path / "pkg")]) == 0
     card = verify_package(tmp_path / "pkg")
-    assert card["source_run"] == run.name and "hospital_a" in card["data"]
+    assert card["source_run"] == run.name and any(k.startswith("hospital_a") for k in card["data"])
     workdir = tmp_path / "workdir"
     workdir.mkdir()
     fetched = sweeps.fetch_last_run(uploaded, workdir)

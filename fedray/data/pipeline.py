@@ -56,9 +56,10 @@ def load_prepared(directory: Path) -> pa.Table:
     if "image" in table.column_names:
         return table
     meta = table.schema.metadata or {}
-    root = Path(meta.get(b"fedray.root", str(directory).encode()).decode())
-    if not root.is_absolute():
-        root = directory / root
+    root = Path(directory)
+    if b"fedray.root" in meta:  # where the images are, relative to the manifest's folder
+        recorded = Path(meta[b"fedray.root"].decode())
+        root = recorded if recorded.is_absolute() else Path(directory) / recorded
     return attach_images(table, root)
 
 

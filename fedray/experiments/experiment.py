@@ -197,9 +197,10 @@ def run(config: ExperimentConfig, *, output_dir: Path | None = None, resume: Pat
 
     start = time.perf_counter()
     run_dir = Path(resume).resolve() if resume else new_run_dir(config, output_dir)
+    atomic.write_text(run_dir / rf.CONFIG, config.to_yaml())  # a failed start can resume
     if shards is None and config.data.source != "sites":
         config = simulate_sites(config, run_dir, log)
-    atomic.write_text(run_dir / rf.CONFIG, config.to_yaml())
+        atomic.write_text(run_dir / rf.CONFIG, config.to_yaml())
     log(f"run folder: {run_dir}")
     if on_start:
         on_start(run_dir)
