@@ -32,6 +32,7 @@ from fedray.federation.messages import Failure, FitIns, FitRes, to_numpy, to_tor
 from fedray.metrics import add_stats, classification_metrics, metrics_from_stats
 from fedray.models import build_model
 from fedray.privacy.errors import PrivacyBudgetExhausted
+from fedray.privacy.ledger import recorded_steps
 from fedray.strategy import build_strategy
 
 
@@ -245,8 +246,8 @@ class Coordinator:
         if state is None or "history" not in state:
             return
         on_disk = _read_json(self.server_ledger_path)
-        steps = sum(int(h[2]) for h in state["history"])
-        if on_disk is not None and sum(int(h[2]) for h in on_disk.get("history", [])) > steps:
+        steps = recorded_steps(state)
+        if on_disk is not None and recorded_steps(on_disk) > steps:
             return
         atomic.write_json(self.server_ledger_path, {**state, "steps": steps},
                           self.faults.write_hook(self.round))
@@ -470,8 +471,7 @@ class Coordinator:
         state = self.strategy.state_dict()
         if on_disk is None or "accountant" not in state:
             return
-        steps = lambda hist: sum(int(h[2]) for h in hist)  # noqa: E731
-        if steps(on_disk.get("history", [])) > steps(state["accountant"]["history"]):
+        if recorded_steps(on_disk) > recorded_steps(state["accountant"]):
             state["accountant"] = {"mechanism": on_disk["mechanism"], "history": on_disk["history"]}
             self.strategy.load_state_dict(state)
 

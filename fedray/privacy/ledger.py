@@ -50,7 +50,7 @@ class PrivacyLedger:
     def absorb(self, state: dict[str, Any] | None) -> bool:
         """Take `state` only if it records more steps than this ledger: a ledger never goes
         back. True when it was taken."""
-        if not state or _steps(state) <= self.steps:
+        if not state or recorded_steps(state) <= self.steps:
             return False
         self.load_state_dict(state)
         return True
@@ -59,14 +59,15 @@ class PrivacyLedger:
         """Write the ledger atomically; called before the update it accounts leaves the
         hospital. A file that already records more steps is never overwritten."""
         on_disk = read_ledger(path)
-        if on_disk is not None and _steps(on_disk) > self.steps:
-            raise RuntimeError(f"{path} records {_steps(on_disk)} DP steps, this hospital only "
+        if on_disk is not None and recorded_steps(on_disk) > self.steps:
+            raise RuntimeError(f"{path} records {recorded_steps(on_disk)} DP steps, this hospital only "
                                f"{self.steps}: refusing to replace a ledger with an older one")
         atomic.write_json(path, {**self.state_dict(), "steps": self.steps,
                                  "releases": releases}, hook)
 
 
-def _steps(state: dict[str, Any]) -> int:
+def recorded_steps(state: dict[str, Any]) -> int:
+    """The DP steps a ledger state (or a DP-FedAvg accountant state) records."""
     return int(sum(entry[2] for entry in state.get("history", [])))
 
 
