@@ -116,6 +116,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     compare.add_argument("--local-only", action="store_true",
                          help="add each hospital trained alone, scored at every site")
     compare.add_argument("--seeds", type=int, default=1, help="runs per arm: seed..seed+N-1")
+    compare.add_argument("--resplit", action="store_true",
+                         help="each seed also draws its own local splits (default: every seed "
+                              "is scored on the same test patients)")
     _add_baseline_args(compare)
     compare.set_defaults(func=cmd_compare)
 
@@ -271,7 +274,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     folder = run_comparison(config, args.strategies, centralized=args.centralized, dp=args.dp,
                             output_dir=args.output_dir, workers=args.workers,
                             local_only=args.local_only, seeds=args.seeds,
-                            dp_epsilon=args.dp_epsilon)
+                            dp_epsilon=args.dp_epsilon, resplit=args.resplit)
     print(f"comparison: {folder / 'comparison.md'}")
     return 0
 

@@ -39,6 +39,8 @@ class SplitConfig(_Strict):
     group_aware: bool = True
     fold: int = Field(0, ge=0, description="with folds: which fold is the local test split")
     folds: int | None = Field(None, ge=2, description="k-fold split at each site (cv)")
+    seed: int | None = Field(None, description="the split's own seed (default: the experiment "
+                             "seed); fixed, runs of other seeds keep the same test patients")
 
     @model_validator(mode="after")
     def _sums_to_one(self) -> SplitConfig:

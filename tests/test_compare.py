@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from fedray.cli import main as cli_main
-from fedray.experiments.compare import t_interval, variants
+from fedray.config import load_config
+from fedray.experiments.compare import seeded, t_interval, variants
 
 from conftest import tiny_config
 
@@ -24,6 +25,16 @@ def test_variants_differ_only_where_asked(tmp_path: Path) -> None:
     assert dp.privacy.enabled and dp.model.dp_safe and dp.privacy.target_epsilon == 8.0
     assert out["fedprox"].data == base.data and out["fedprox"].training == base.training
     assert variants(base, [], dp=True, dp_epsilon=3.0)["fedavg+dp"].privacy.target_epsilon == 3.0
+
+
+def test_seeds_keep_the_split_unless_resplit(tmp_path: Path) -> None:
+    base = tiny_config(tmp_path, seed=3)
+    for seed in (3, 4, 9):
+        arm = seeded(base, seed)
+        assert arm.seed == seed and arm.data.split.seed == 3
+        assert seeded(base, seed, resplit=True).data.split.seed == seed
+    pinned = load_config(base.model_dump(mode="json"), ["data.split.seed=11"])
+    assert seeded(pinned, 5).data.split.seed == 11 and seeded(pinned, 5).seed == 5
 
 
 @pytest.mark.parametrize("values", [[0.5, 0.7], [0.61, 0.64, 0.7]])
@@ -76,6 +87,10 @@ def test_site_compare_arms_over_seeds(ray_session, site_dirs, tmp_path: Path) ->
     assert comparison["failed"] == {}
     assert comparison["interval"].startswith("t-based 95% interval")
     assert comparison["budget"]["seeds"] == [0, 1] and comparison["budget"]["optimizer"] == "AdamW"
+    assert comparison["budget"]["split_seed"] == 0  # every seed scored on the same test patients
+    run_s1 = next((folder / "runs" / "fedbn").glob("*-s1-*"))
+    recorded = load_config(run_s1 / "config.yaml")
+    assert recorded.seed == 1 and recorded.data.split.seed == 0
     for name, arm in comparison["arms"].items():
         for key in ("test_balanced_accuracy", "worst_site_balanced_accuracy", "test_macro_f1"):
             _check_interval(arm[key], 2)

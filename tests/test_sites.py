@@ -62,6 +62,20 @@ def test_local_split_is_group_aware_and_names_the_site(site_folders, tmp_path) -
         sites.read_site(tmp_path / "nowhere", config.data)
 
 
+def test_split_seed_fixes_the_split_whatever_the_run_seed() -> None:
+    table = synth.generate_sites(n=240, size=16, seed=0, sites=1, patients_per_class=8)
+
+    def test_patients(data, seed: int) -> dict[str, set[str]]:
+        parts = sites.split_site(table, data, seed, "a").parts
+        return {k: set(t.column("group").to_pylist()) for k, t in parts.items()}
+
+    free = load_config(None).data
+    drawn = [test_patients(free, seed) for seed in range(8)]
+    assert any(d != drawn[0] for d in drawn)  # the run seed draws the split
+    fixed = load_config(None, ["data.split.seed=0"]).data
+    assert all(test_patients(fixed, seed) == drawn[0] for seed in range(8))
+
+
 def test_sites_config_is_checked() -> None:
     with pytest.raises(ConfigError, match="data.sites is required"):
         load_config(None, ["data.source=sites"])

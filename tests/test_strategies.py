@@ -221,6 +221,28 @@ def test_fedopt_keeps_dtypes_and_averages_integer_tensors(cls) -> None:
     assert not np.allclose(out["conv.weight"], average["conv.weight"])  # a server step, not FedAvg
 
 
+@pytest.mark.parametrize("cls", [FedAdam, FedYogi, FedAdagrad])
+def test_fedopt_averages_running_statistics_and_steps_parameters(cls) -> None:
+    import torch
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    names = [n for n, _ in model.named_buffers()]
+    assert {"1.running_mean", "1.running_var"} <= set(names)
+    current = OrderedDict((k, v.detach().numpy().copy()) for k, v in model.state_dict().items())
+    res = []
+    for k, n in ((1, 10), (2, 30)):
+        w = OrderedDict((name, (a + 0.5 * k).astype(a.dtype)) for name, a in current.items())
+        res.append(FitRes(f"h{k}", w, n, {}))
+    strategy = cls()
+    strategy.bind(["h1", "h2"], model, None)
+    out = strategy.aggregate(1, current, res, [])
+    average = FedAvg().aggregate(1, current, res, [])
+    for name in ("1.running_mean", "1.running_var", "1.num_batches_tracked"):
+        np.testing.assert_array_equal(out[name], average[name])  # what the hospitals measured
+    for name in ("0.weight", "1.weight"):
+        assert not np.allclose(out[name], average[name])  # a server step
+
+
 def _rounds(seed: int) -> list[list[FitRes]]:
     return [results(3, seed=seed + r, shift=0.1 * r) for r in range(3)]
 

@@ -61,12 +61,14 @@ class SiteSplits:
 def split_site(table: pa.Table, data: DataConfig, seed: int, where: str,
                fold: tuple[int, int] | None = None) -> SiteSplits:
     """Split a site's table before anything else touches it; `fold` = (k, folds) makes the
-    local test split fold k of a k-fold cross-validation (validation carved from the rest)."""
+    local test split fold k of a k-fold cross-validation (validation carved from the rest).
+    `data.split.seed`, when set, is the split's seed in place of `seed`."""
     table = _ensure_group(table)
     unknown = set(table.column("label").to_pylist()) - set(CLASSES)
     if unknown:
         raise DataPrepError(f"{where}: labels {sorted(unknown)} are not among {list(CLASSES)}")
     sp = data.split
+    seed = seed if sp.seed is None else sp.seed
     try:
         if fold is None:
             splits = assign_splits(table, val=sp.val, test=sp.test, seed=seed,

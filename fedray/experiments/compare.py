@@ -3,7 +3,9 @@
 Arms: aggregation strategies, FedAvg with DP-SGD in every hospital, a pooled Ray Train
 baseline (a simulation: it reads every site folder) and each hospital trained alone. Every arm
 uses the same backbone, optimiser (AdamW at training.lr) and budget (rounds x local epochs);
-all arms of one seed see the same local splits. A non-site config is first divided into site
+all arms of one seed see the same local splits, and by default every seed sees them too: fixed
+per-centre test sets, as in FLamby, with a seed varying initialisation, order, augmentation and
+noise (`resplit` also redraws the splits). A non-site config is first divided into site
 folders (`split_sites`, the simulation tool) under the comparison folder, so there is one path.
 Intervals are t-based 95% intervals over seeds (Student t, n-1 degrees of freedom).
 """
@@ -79,6 +81,16 @@ def local_config(config: ExperimentConfig, hospital: str) -> ExperimentConfig:
         "federation.strategy.name": "fedavg"})
 
 
+def seeded(config: ExperimentConfig, seed: int, resplit: bool = False) -> ExperimentConfig:
+    """`config` at `seed`. The sites' splits stay those of the comparison's own split seed
+    (data.split.seed, else its seed): a seed varies initialisation, data order, augmentation and
+    noise, every arm and seed is scored on the same test patients. `resplit` makes each seed
+    also draw its own split (the interval then includes which patients were held out)."""
+    split_seed = seed if resplit else (config.data.split.seed if config.data.split.seed
+                                       is not None else config.seed)
+    return _variant(config, config.name, {"seed": seed, "data.split.seed": split_seed})
+
+
 def t_interval(values: list[float]) -> dict:
     """Mean and t-based 95% interval (Student t, n-1 dof); one value gives [value, value]."""
     from scipy import stats
@@ -142,14 +154,20 @@ def summarize(seeds: list[dict]) -> dict:
     return out
 
 
-def budget(config: ExperimentConfig, seeds: list[int], dp: dict | None) -> dict:
+def budget(config: ExperimentConfig, seeds: list[int], dp: dict | None,
+           resplit: bool = False) -> dict:
     t, f = config.training, config.federation
+    split_seed = config.data.split.seed if config.data.split.seed is not None else config.seed
     return {"rounds": f.rounds, "local_epochs": t.local_epochs,
             "epochs": f.rounds * t.local_epochs, "optimizer": "AdamW", "lr": t.lr,
             "weight_decay": t.weight_decay, "batch_size": t.batch_size,
             "backbone": config.model.backbone, "image_size": config.data.image_size,
             "sites": sorted(config.data.sites), "seeds": seeds, "dp": dp,
-            "note": "every arm: same optimiser, lr and rounds x local epochs; the seeds' local "
+            "split_seed": "each seed's own" if resplit else split_seed,
+            "seeds_vary": ("initialisation, data order, augmentation, DP noise and the local "
+                           "splits" if resplit else "initialisation, data order, augmentation "
+                           "and DP noise; every seed is scored on the same local test splits"),
+            "note": "every arm: same optimiser, lr and rounds x local epochs; a seed's local "
                     "splits are shared by all arms; centralized trains on the union of the "
                     "sites' local train splits (a simulation: the driver reads every site)"}
 
@@ -249,7 +267,7 @@ def _local_only(config: ExperimentConfig, runs: Path, folder: Path,
 
 def run_comparison(config: ExperimentConfig, strategies: list[str], *, centralized: bool,
                    dp: bool, output_dir: Path, workers: int = 2, local_only: bool = False,
-                   seeds: int = 1, dp_epsilon: float | None = None,
+                   seeds: int = 1, dp_epsilon: float | None = None, resplit: bool = False,
                    log: Callable[[str], None] = print) -> Path:
     """Run every arm `seeds` times; write comparison.json, .md and .png; return the folder.
     The files are rewritten after every seed, so a stopped comparison keeps what it finished."""
@@ -264,7 +282,7 @@ def run_comparison(config: ExperimentConfig, strategies: list[str], *, centraliz
         p = federated["fedavg+dp"].privacy
         dp_info = {"mechanism": "DP-SGD in every hospital (Opacus), FedAvg aggregation",
                    "target_epsilon": p.target_epsilon, "unit": p.unit}
-    plan = budget(config, seed_list, dp_info)
+    plan = budget(config, seed_list, dp_info, resplit)
     per_seed: dict[str, list[dict]] = {}
     failed: dict[str, list[str]] = {}
     dp_dirs: list[Path] = []
@@ -280,31 +298,32 @@ def run_comparison(config: ExperimentConfig, strategies: list[str], *, centraliz
                 del per_seed[name]
 
     def federated_arm(name: str, variant: ExperimentConfig, seed: int) -> dict:
-        arm = _variant(variant, f"{variant.name}-s{seed}", {"seed": seed})
+        arm = seeded(variant, seed, resplit)
+        arm = _variant(arm, f"{variant.name}-s{seed}", {})
         result = experiment.run(arm, output_dir=folder / "runs" / name, log=log)
         if arm.privacy.enabled:
             dp_dirs.append(result.run_dir)
         return {**_scores(result.final), "seconds": result.seconds,
                 "epsilon_max": _epsilon(result.final)}
 
-    def centralized_arm(seeded: ExperimentConfig, seed: int) -> dict:
+    def centralized_arm(arm: ExperimentConfig, seed: int) -> dict:
         from fedray.experiments.centralized import run_centralized_sites
         from fedray.federation.runtime import init_ray
 
         init_ray(config.runtime)
-        final = run_centralized_sites(seeded, folder / "runs" / CENTRALIZED / f"s{seed}",
+        final = run_centralized_sites(arm, folder / "runs" / CENTRALIZED / f"s{seed}",
                                       workers=workers)
         return {**_scores(final), "seconds": final["seconds"]}
 
     for k, seed in enumerate(seed_list):
         for name, variant in federated.items():
             attempt(name, seed, lambda: federated_arm(name, variant, seed))
-        seeded = _variant(config, config.name, {"seed": seed})
+        at_seed = seeded(config, seed, resplit)
         if centralized:
-            attempt(CENTRALIZED, seed, lambda: centralized_arm(seeded, seed))
+            attempt(CENTRALIZED, seed, lambda: centralized_arm(at_seed, seed))
         if local_only:
             attempt(LOCAL_ONLY, seed, lambda: _local_only(
-                seeded, folder / "runs" / LOCAL_ONLY / f"s{seed}", folder, log))
+                at_seed, folder / "runs" / LOCAL_ONLY / f"s{seed}", folder, log))
         _write(folder, per_seed, {**plan, "seeds": seed_list[:k + 1]}, dp_dirs, failed, log=None)
     return _write(folder, per_seed, plan, dp_dirs, failed, log=log)
 

@@ -8,8 +8,11 @@ and takes one step of a server optimiser with moments m, v kept between rounds:
     x <- x + server_lr * m / (sqrt(v) + tau)
 
 as Flower's fedadam.py / fedyogi.py / fedadagrad.py: m and v start at zero and there is no
-bias correction. Only floating-point tensors take the step; integer tensors (BatchNorm's
-num_batches_tracked) take the weighted average. Arithmetic is float64; the moments are stored
+bias correction. Only parameters take the step: buffers (BatchNorm's running mean and variance,
+which `bind` learns from the model) are statistics the hospitals measured, not gradients'
+integrals, and take the weighted average, as do integer tensors (num_batches_tracked). A step
+of the server's size would leave running statistics near their initial values, and the global
+model in eval mode at chance. Arithmetic is float64; the moments are stored
 in the tensor's dtype promoted to at least float32, and the step uses the stored moments, so a
 run resumed from `state_dict()` continues bit for bit.
 """
@@ -62,6 +65,13 @@ class FedOpt(Strategy):
         self.tau = _check("tau", tau, 0.0, math.inf, low_open=True)
         self.m: dict[str, np.ndarray] = {}
         self.v: dict[str, np.ndarray] = {}
+        self.buffers: frozenset[str] = frozenset()
+
+    def bind(self, hospitals: list[str], model: Any, noise_seed: int | None) -> None:
+        """Learn which state_dict entries are buffers (averaged, never stepped)."""
+        del hospitals, noise_seed
+        if model is not None and hasattr(model, "named_buffers"):
+            self.buffers = frozenset(name for name, _ in model.named_buffers())
 
     @abstractmethod
     def second_moment(self, v: np.ndarray, delta: np.ndarray) -> np.ndarray:
@@ -83,7 +93,7 @@ class FedOpt(Strategy):
             x = np.asarray(current[name])
             if x.shape != avg.shape:
                 raise ValueError(f"results and the current model disagree on the shape of {name!r}")
-            if not np.issubdtype(x.dtype, np.floating):
+            if not np.issubdtype(x.dtype, np.floating) or name in self.buffers:
                 out[name] = avg
                 continue
             x64 = x.astype(np.float64)
