@@ -27,6 +27,22 @@ def test_variants_differ_only_where_asked(tmp_path: Path) -> None:
     assert variants(base, [], dp=True, dp_epsilon=3.0)["fedavg+dp"].privacy.target_epsilon == 3.0
 
 
+def test_each_arm_keeps_only_its_strategys_parameters(tmp_path: Path) -> None:
+    from fedray.experiments.compare import local_config
+
+    base = tiny_config(tmp_path, **{"federation.strategy.mu": 0.1,
+                                    "federation.strategy.server_lr": 0.003})
+    out = variants(base, ["fedavg", "fedprox", "fedadam"], dp=True)
+    assert out["fedavg"].federation.strategy.params() == {}
+    assert out["fedprox"].federation.strategy.params() == {"mu": 0.1}
+    assert out["fedadam"].federation.strategy.params() == {"server_lr": 0.003}
+    assert out["fedavg+dp"].federation.strategy.params() == {}
+    sites = tiny_config(tmp_path, **{"data.source": "sites", "federation.hospitals": 1,
+                                     "federation.strategy.mu": 0.1,
+                                     "data.sites": "{a: {path: /nowhere}}"})
+    assert local_config(sites, "a").federation.strategy.params() == {}
+
+
 def test_seeds_keep_the_split_unless_resplit(tmp_path: Path) -> None:
     base = tiny_config(tmp_path, seed=3)
     for seed in (3, 4, 9):

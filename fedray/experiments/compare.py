@@ -60,15 +60,26 @@ def site_config(config: ExperimentConfig, folder: Path,
     return load_config(data)
 
 
+def _strategy(config: ExperimentConfig, name: str) -> dict:
+    """Overrides making strategy `name` the arm's: the config may carry the parameters of every
+    strategy compared (mu, server_lr, ...); each arm keeps only those its strategy takes."""
+    from fedray.strategy import strategy_params
+
+    takes = set(strategy_params(name))
+    given = config.federation.strategy.params()
+    return {"federation.strategy.name": name,
+            **{f"federation.strategy.{k}": None for k in given if k not in takes}}
+
+
 def variants(config: ExperimentConfig, strategies: list[str], dp: bool,
              dp_epsilon: float | None = None) -> dict[str, ExperimentConfig]:
     """The federated arms: one per strategy, and FedAvg with DP-SGD at a target epsilon
     (`dp_epsilon`, else privacy.target_epsilon, else 8; the noise solved for the planned
     rounds x local epochs) when `dp`."""
-    out = {s: _variant(config, s, {"federation.strategy.name": s}) for s in strategies}
+    out = {s: _variant(config, s, _strategy(config, s)) for s in strategies}
     if dp:
         out["fedavg+dp"] = _variant(config, "fedavg-dp", {
-            "federation.strategy.name": "fedavg", "model.dp_safe": True, "privacy.enabled": True,
+            **_strategy(config, "fedavg"), "model.dp_safe": True, "privacy.enabled": True,
             "privacy.target_epsilon": dp_epsilon or config.privacy.target_epsilon or DP_EPSILON})
     return out
 
@@ -77,8 +88,7 @@ def local_config(config: ExperimentConfig, hospital: str) -> ExperimentConfig:
     """A federation of one: only `hospital`'s site, the same budget and recipe."""
     return _variant(config, f"local-{hospital}", {
         "data.sites": {hospital: config.data.sites[hospital].model_dump(mode="json")},
-        "federation.hospitals": 1, "federation.min_clients": 1,
-        "federation.strategy.name": "fedavg"})
+        "federation.hospitals": 1, "federation.min_clients": 1, **_strategy(config, "fedavg")})
 
 
 def seeded(config: ExperimentConfig, seed: int, resplit: bool = False) -> ExperimentConfig:
