@@ -223,6 +223,8 @@ def test_hidden_and_os_files_ignored_silently(tmp_path: Path) -> None:
     (tmp_path / "Pre" / "desktop.ini").write_text("[x]")
     (tmp_path / ".cache").mkdir()
     (tmp_path / "__MACOSX" / "Benign").mkdir(parents=True)
+    (tmp_path / "lost+found").mkdir()  # an ext4 volume's root, as a site volume mounts it
+    (tmp_path / "lost+found" / "#1234").write_bytes(b"\0orphan")
     (tmp_path / "README.md").write_text("about")
     cat = scan(tmp_path)
     assert cat.table.num_rows == 8 and cat.skipped == []

@@ -23,8 +23,9 @@ Decisions worth knowing:
 * Kaggle "ALL Images" ships ``Original/`` and ``Segmented/`` (the same smears with the
   background removed). Only ``Original/`` is scanned by default; ``include_segmented=True``
   scans ``Segmented/`` *instead* (never both, since they are the same cells twice).
-* Hidden files and folders (name starts with ``.``), ``Thumbs.db``, ``desktop.ini`` and
-  ``__MACOSX`` (zip-extraction debris holding only AppleDouble ``._*`` files) are ignored
+* Hidden files and folders (name starts with ``.``), ``Thumbs.db``, ``desktop.ini``,
+  ``__MACOSX`` (zip-extraction debris holding only AppleDouble ``._*`` files) and ``lost+found``
+  (the root folder of an ext4 volume, as a Kubernetes site volume mounts it) are ignored
   silently. Everything else inside a class folder must be a decodable image; any other
   problem is either an error or, with ``skip_bad=True``, an entry in ``Catalog.skipped``.
 * Loose *non-image* files next to the class folders (README, LICENSE) are ignored; loose
@@ -95,7 +96,8 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".bmp", "
 # plugins (EPS would shell out to Ghostscript); a JPEG saved as .png is still accepted.
 # (Multi-picture JPEGs open through the JPEG opener, which returns an MPO image.)
 PIL_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "BMP", "DIB", "TIFF")
-IGNORED_NAMES: frozenset[str] = frozenset({"thumbs.db", "desktop.ini", "__macosx"})
+IGNORED_NAMES: frozenset[str] = frozenset({"thumbs.db", "desktop.ini", "__macosx",
+                                           "lost+found"})
 
 MAX_SEARCH_DEPTH = 3  # levels below `source` searched for a layout (parent/top/dataset/...)
 MAX_LISTED_PROBLEMS = 20
