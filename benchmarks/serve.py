@@ -29,6 +29,7 @@ import json
 import os
 import platform
 import socket
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -187,8 +188,17 @@ def main() -> None:
                         help="images in each POST /v1/predict/batch (at most max_batch_images)")
     parser.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=False,
                         help="Serve's per-request access log lines (off: as a tuned service)")
+    parser.add_argument("--env", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="environment for Ray and Serve, e.g. RAY_SERVE_THROUGHPUT_OPTIMIZED=1 "
+                             "(set before the local Ray starts; recorded in the output)")
+    parser.add_argument("--note", default=None, help="how to read these figures (recorded)")
     parser.add_argument("--output", type=Path, default=RESULTS / "serve.json")
     args = parser.parse_args()
+    for pair in args.env:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            parser.error(f"--env takes KEY=VALUE, got {pair!r}")
+        os.environ[key] = value
 
     import ray
     from ray import serve
@@ -236,9 +246,11 @@ def main() -> None:
     result = {"models": results,
               "workload": {k: v for k, v in vars(args).items() if k in (
                   "size", "clients", "seconds", "max_batch_size", "batch_wait_timeout_s",
-                  "latency_requests", "images_per_request", "access_log")},
-              "cpus": cpus, "machine": platform.machine(), "torch": torch.__version__,
-              "note": "measured on a shared machine: other work ran on the same cores"}
+                  "latency_requests", "images_per_request", "access_log", "env")},
+              "command": "python benchmarks/serve.py " + " ".join(sys.argv[1:]),
+              "cpus": cpus, "machine": platform.machine(), "torch": torch.__version__}
+    if args.note:
+        result["note"] = args.note
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2))
 
