@@ -31,8 +31,12 @@ def ghost_is_cheaper(locations: int, in_features: int, out_features: int) -> boo
 def compute_conv2d_norm_sample(layer: nn.Conv2d, activations: list[Tensor],
                                backprops: Tensor) -> dict[nn.Parameter, Tensor]:
     """Per-sample gradient norms of a Conv2d's weight and bias, shape [batch] each."""
-    x = activations[0].to(backprops.dtype)
+    # Opacus' unfold2d reads its input's strides as NCHW's: channels_last must be copied.
+    x = activations[0].to(backprops.dtype).contiguous()
     n = x.shape[0]
+    if n == 0:  # an empty Poisson batch: unfold and reshape(-1) cannot size one
+        return {p: x.new_zeros(0) for p in (layer.weight, layer.bias)
+                if p is not None and p.requires_grad}
     out: dict[nn.Parameter, Tensor] = {}
     g = backprops.reshape(n, backprops.shape[1], -1)  # n, O, L
     if layer.bias is not None and layer.bias.requires_grad:
@@ -42,7 +46,7 @@ def compute_conv2d_norm_sample(layer: nn.Conv2d, activations: list[Tensor],
     locations = g.shape[2]
     in_features = layer.weight[0].numel()
     if layer.groups != 1 or not ghost_is_cheaper(locations, in_features, g.shape[1]):
-        grads = compute_conv_grad_sample(layer, activations, backprops)
+        grads = compute_conv_grad_sample(layer, [x], backprops)
         out[layer.weight] = grads[layer.weight].reshape(n, -1).norm(dim=1)
         return out
     a = unfold2d(x, kernel_size=layer.kernel_size, padding=layer.padding,
