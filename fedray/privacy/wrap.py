@@ -21,11 +21,13 @@ from dataclasses import dataclass
 import torch
 from opacus import GradSampleModule, PrivacyEngine
 from opacus.data_loader import wrap_collate_with_empty
+from opacus.optimizers import DPOptimizerFastGradientClipping
 from opacus.validators import ModuleValidator
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from fedray.privacy import ghost_norms  # noqa: F401 - registers Conv2d ghost norms with Opacus
+from fedray.privacy.bookkeeping import BookKeepingLoss, BookKeepingModule
 from fedray.privacy.errors import PrivacyBudgetExhausted
 from fedray.privacy.ledger import PrivacyLedger
 from fedray.privacy.settings import PrivacySettings
@@ -120,7 +122,8 @@ class PerRecordMean(nn.Module):
     A weighted mean (class weights) divides by the batch's total weight, so with per-record
     gradients from the batch loss each record's gradient would scale with the other records'
     labels and clipping would no longer bound one record's (or unit's) influence. Opacus' ghost
-    clipping takes per-record losses itself; the other modes get this loss.
+    clipping and book-keeping clipping take per-record losses themselves; the other modes get
+    this loss.
     """
 
     def __init__(self, loss_fn: nn.Module) -> None:
@@ -157,8 +160,9 @@ def make_private(module: nn.Module, optimizer: torch.optim.Optimizer, loader: Da
 
     grad_sample_mode "ghost" (ghost clipping) also wraps `loss_fn`: its backward runs twice,
     once for per-sample norms and once for the clipped sum, and the wrapped loss must be used.
-    The other modes return `loss_fn` as a mean of per-record losses (PerRecordMean), to be
-    used instead of it.
+    "bk" (book-keeping clipping, fedray.privacy.bookkeeping) wraps it too, with a backward
+    that runs once. The other modes return `loss_fn` as a mean of per-record losses
+    (PerRecordMean), to be used instead of it.
     With `settings.grouped`, `unit_ids` (one per record of the loader's dataset) name each
     record's privacy unit and clipping is per unit (fedray.privacy.units). `hospital` and `seed`
     (the config's) are read only with reproducible_noise. Batches are Poisson-sampled at
@@ -194,6 +198,12 @@ def make_private(module: nn.Module, optimizer: torch.optim.Optimizer, loader: Da
         model, optimizer = _make_unit_private(module, optimizer, settings, ledger, sampler, noise)
         return PrivateTraining(model, optimizer, loader, ledger, settings,
                                _per_record_mean(loss_fn))
+    if settings.grad_sample_mode == "bk":
+        if loss_fn is None:
+            raise ValueError("grad_sample_mode 'bk' needs the hospital's loss function")
+        model, optimizer = _make_bk_private(module, optimizer, settings, ledger, loader, noise)
+        return PrivateTraining(model, optimizer, loader, ledger, settings,
+                               BookKeepingLoss(model, loss_fn))
     # Sampling is this hospital's own (above); Opacus gets the loader as it must be used.
     options = dict(module=module, optimizer=optimizer, data_loader=loader,
                    noise_multiplier=settings.noise_multiplier, max_grad_norm=settings.max_grad_norm,
@@ -223,6 +233,27 @@ def _make_unit_private(module: nn.Module, optimizer: torch.optim.Optimizer,
     dp_optimizer = UnitDPOptimizer(
         optimizer, sampler=sampler, noise_multiplier=settings.noise_multiplier,
         max_grad_norm=settings.max_grad_norm, expected_batch_size=settings.expected_units,
+        generator=noise, secure_mode=settings.secure_mode)
+    dp_optimizer.attach_step_hook(
+        ledger.accountant.get_optimizer_hook_fn(sample_rate=settings.sample_rate))
+    return model, dp_optimizer
+
+
+def _make_bk_private(module: nn.Module, optimizer: torch.optim.Optimizer,
+                     settings: PrivacySettings, ledger: PrivacyLedger, loader: DataLoader,
+                     noise: torch.Generator) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """Book-keeping clipping: one backward leaves the clipped sum in .grad (as the ghost
+    mode's two do), and Opacus' ghost-mode optimizer noises it, averages it and accounts.
+
+    The noise generator is the hospital's (Opacus' cryptographic one in secure mode, which
+    is what its engine hands the optimizer then). The divisor is Opacus' for the ghost mode,
+    int(records / batches per epoch), so the two modes take the same steps.
+    """
+    model = BookKeepingModule(module, max_grad_norm=settings.max_grad_norm)
+    dp_optimizer = DPOptimizerFastGradientClipping(
+        optimizer, noise_multiplier=settings.noise_multiplier,
+        max_grad_norm=settings.max_grad_norm,
+        expected_batch_size=int(len(loader.dataset) * (1 / len(loader))), loss_reduction="mean",
         generator=noise, secure_mode=settings.secure_mode)
     dp_optimizer.attach_step_hook(
         ledger.accountant.get_optimizer_hook_fn(sample_rate=settings.sample_rate))
