@@ -1,7 +1,8 @@
 """DP-SGD step time over non-private step time for the same DP-safe model.
 
 resnet18 at 64 px, batch 32, CPU threads as configured; one figure per Opacus grad-sample mode
-(`ghost` with fedray's Conv2d ghost norms, see fedray/privacy/ghost_norms.py), for the whole model and
+(`ghost` with fedray's Conv2d ghost norms, see fedray/privacy/ghost_norms.py) and for fedray's
+`bk` (book-keeping clipping, one backward; fedray/privacy/bookkeeping.py), for the whole model and
 for `model.freeze` (last stage + head trainable). Private and plain steps are timed in
 alternation, `--repeats` times, and the median ratio is reported, so a machine whose speed
 drifts affects both sides alike. Writes benchmarks/results/dp_overhead.json.
@@ -33,7 +34,7 @@ from fedray import engine, privacy
 from fedray.models import build_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
-MODES = ("hooks", "functorch", "ew", "ghost")
+MODES = ("hooks", "functorch", "ew", "ghost", "bk")
 
 
 def step_time(model, optimizer, loader, loss_fn, steps: int) -> float:
