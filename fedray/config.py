@@ -167,7 +167,7 @@ class PrivacyConfig(_Strict):
     accountant: Literal["rdp", "prv"] = "rdp"
     poisson_sampling: bool = True
     secure_mode: bool = False
-    grad_sample_mode: Literal["hooks", "functorch", "ew", "ghost", "bk"] = "ghost"
+    grad_sample_mode: Literal["hooks", "functorch", "ew", "ghost", "bk"] = "bk"
     unit: Literal["image", "patient", "record"] = Field(
         "image", description="what one (epsilon, delta) protects: a source image (its flip_x4 "
                              "copies together), a patient (the data's group column), a record")
