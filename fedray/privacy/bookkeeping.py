@@ -178,7 +178,7 @@ def _check_records(records: list[_Record]) -> None:
         if id(r.layer) in seen:
             raise NotImplementedError(
                 f"grad_sample_mode 'bk': {where} was called more than once in one forward "
-                "pass (shared weights); use privacy.grad_sample_mode: ghost or hooks")
+                "pass (shared weights); use privacy.grad_sample_mode: hooks")
         seen.add(id(r.layer))
         if r.output._version != r.version:
             raise RuntimeError(f"grad_sample_mode 'bk': the output of {where} was modified "
@@ -189,7 +189,7 @@ def _check_records(records: list[_Record]) -> None:
 
 def _squared_norms(layer: nn.Module, a: Tensor, g: Tensor) -> tuple[Tensor, Any]:
     """Squared per-sample gradient norms of the layer's trainable parameters, [batch], and
-    whatever the clipped sum can reuse (norm layers' per-sample gradients)."""
+    the per-sample gradients where they were computed (the clipped sum reuses them)."""
     if isinstance(layer, nn.Linear):
         return _linear_squared_norms(layer, a, g), None
     if isinstance(layer, nn.Conv2d):
