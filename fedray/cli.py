@@ -116,6 +116,12 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     compare.add_argument("--local-only", action="store_true",
                          help="add each hospital trained alone, scored at every site")
     compare.add_argument("--seeds", type=int, default=1, help="runs per arm: seed..seed+N-1")
+    compare.add_argument("--interval", choices=["bootstrap", "t"], default="bootstrap",
+                         help="95%% intervals: bootstrap over seeds and test images (default; "
+                              "the t interval is kept beside it), or Student t over seeds")
+    compare.add_argument("--summarize", type=Path, metavar="COMPARISON_DIR",
+                         help="rewrite an existing comparison's files (e.g. with another "
+                              "--interval) from its runs; trains nothing")
     compare.add_argument("--resplit", action="store_true",
                          help="each seed also draws its own local splits (default: every seed "
                               "is scored on the same test patients)")
@@ -270,11 +276,18 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from fedray.experiments.compare import run_comparison
     from fedray.config import load_config
 
+    if args.summarize:
+        from fedray.experiments.compare import resummarize
+
+        folder = resummarize(args.summarize, args.interval)
+        print(f"comparison: {folder / 'comparison.md'}")
+        return 0
     config = load_config(args.config, args.overrides)
     folder = run_comparison(config, args.strategies, centralized=args.centralized, dp=args.dp,
                             output_dir=args.output_dir, workers=args.workers,
                             local_only=args.local_only, seeds=args.seeds,
-                            dp_epsilon=args.dp_epsilon, resplit=args.resplit)
+                            dp_epsilon=args.dp_epsilon, resplit=args.resplit,
+                            interval=args.interval)
     print(f"comparison: {folder / 'comparison.md'}")
     return 0
 

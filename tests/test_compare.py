@@ -78,11 +78,16 @@ def site_dirs(tmp_path_factory) -> dict[str, Path]:
 
 
 def _check_interval(summary: dict, seeds: int) -> None:
+    """The t interval by hand (ci95, or ci95_t beside a bootstrap ci95 within [0, 1])."""
     values = summary["values"]
     assert len(values) == seeds and all(0 <= v <= 1 for v in values)
     half = T_975[seeds - 1] * np.std(values, ddof=1) / math.sqrt(seeds)
     assert summary["mean"] == pytest.approx(np.mean(values))
-    assert summary["ci95"] == pytest.approx([np.mean(values) - half, np.mean(values) + half])
+    key = "ci95_t" if summary["interval"] == "bootstrap" else "ci95"
+    assert summary[key] == pytest.approx([np.mean(values) - half, np.mean(values) + half])
+    if summary["interval"] == "bootstrap":
+        lo, hi = summary["ci95"]
+        assert 0 <= lo <= hi <= 1
 
 
 @pytest.mark.ray
@@ -101,7 +106,7 @@ def test_site_compare_arms_over_seeds(ray_session, site_dirs, tmp_path: Path) ->
     assert list(comparison["arms"]) == ["fedavg", "fedbn", "centralized", "local-only"]
     assert comparison["privacy_total"] is None  # no DP arm: nothing spent
     assert comparison["failed"] == {}
-    assert comparison["interval"].startswith("t-based 95% interval")
+    assert comparison["interval"].startswith("95% percentile bootstrap over seeds and test")
     assert comparison["budget"]["seeds"] == [0, 1] and comparison["budget"]["optimizer"] == "AdamW"
     assert comparison["budget"]["split_seed"] == 0  # every seed scored on the same test patients
     run_s1 = next((folder / "runs" / "fedbn").glob("*-s1-*"))
@@ -133,9 +138,28 @@ def test_site_compare_arms_over_seeds(ray_session, site_dirs, tmp_path: Path) ->
     for h in ("site_a", "site_b"):
         assert (sum(map(sum, central["sites"][h]["test"]["confusion_matrix"]))
                 == sum(map(sum, fed["sites"][h]["test"]["confusion_matrix"])))
+    for arm in comparison["arms"].values():
+        assert arm["test_balanced_accuracy"]["interval"] == "bootstrap"
+        assert arm["worst_site_balanced_accuracy"]["interval"] == "bootstrap"
+        assert arm["roc_auc_macro"]["interval"] == "t"  # not a function of the counts
     text = (folder / "comparison.md").read_text()
     assert "| local-only |" in text and "AdamW" in text and "Student t" in text
     assert (folder / "comparison.png").stat().st_size > 0
+    # the same comparison summarized again: with t intervals, then rebuilt from the runs alone
+    assert cli_main(["compare", "--summarize", str(folder), "--interval", "t"]) == 0
+    as_t = json.loads((folder / "comparison.json").read_text())
+    assert as_t["interval"].startswith("t-based")
+    for name, arm in comparison["arms"].items():
+        for key in ("test_balanced_accuracy", "worst_site_balanced_accuracy"):
+            assert as_t["arms"][name][key]["ci95"] == pytest.approx(arm[key]["ci95_t"])
+            assert as_t["arms"][name][key]["mean"] == pytest.approx(arm[key]["mean"])
+    (folder / "seeds.json").unlink()
+    assert cli_main(["compare", "--summarize", str(folder)]) == 0
+    rebuilt = json.loads((folder / "comparison.json").read_text())
+    assert list(rebuilt["arms"]) == list(comparison["arms"])
+    for name, arm in comparison["arms"].items():
+        for key in ("test_balanced_accuracy", "worst_site_balanced_accuracy", "test_macro_f1"):
+            assert rebuilt["arms"][name][key]["ci95"] == pytest.approx(arm[key]["ci95"])
 
 
 @pytest.mark.ray

@@ -7,12 +7,16 @@ all arms of one seed see the same local splits, and by default every seed sees t
 per-centre test sets, as in FLamby, with a seed varying initialisation, order, augmentation and
 noise (`resplit` also redraws the splits). A non-site config is first divided into site
 folders (`split_sites`, the simulation tool) under the comparison folder, so there is one path.
-Intervals are t-based 95% intervals over seeds (Student t, n-1 degrees of freedom).
+Intervals: by default 95% percentile bootstrap intervals over seeds and test images
+(fedray.experiments.bootstrap), with the Student t interval over seeds beside them; `interval`
+"t" makes the t interval the one reported.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import re
 import time
 import traceback
 from collections.abc import Callable
@@ -25,13 +29,20 @@ from fedray.artifacts import atomic, checkpoint
 from fedray.config import ExperimentConfig, load_config
 from fedray.privacy.totals import total_epsilon
 
-INTERVAL = "t-based 95% interval over seeds (Student t, n-1 dof)"
+INTERVALS = {
+    "bootstrap": ("95% percentile bootstrap over seeds and test images (fedray.experiments."
+                  "bootstrap: seeds drawn with replacement, each site's test images redrawn "
+                  "within each true class from its confusion matrix, 2000 replicates; images "
+                  "of a patient redrawn as independent); ci95_t: Student t over seeds"),
+    "t": "t-based 95% interval over seeds (Student t, n-1 dof)",
+}
 DP_EPSILON = 8.0
 METRICS = {"test_balanced_accuracy": "balanced_accuracy", "test_macro_f1": "macro_f1",
            "roc_auc_macro": "roc_auc_macro"}
 SUMMARY = ("test_balanced_accuracy", "worst_site_balanced_accuracy", "test_macro_f1",
            "roc_auc_macro")
 LOCAL_ONLY = "local-only"
+SEEDS_FILE = "seeds.json"  # every arm's per-seed scores and confusion matrices
 CENTRALIZED = "centralized"
 
 
@@ -125,6 +136,10 @@ def _scores(final: dict) -> dict:
     out["worst_site_balanced_accuracy"] = (final.get("worst_site") or {}).get("balanced_accuracy")
     out["sites"] = {h: m["test"]["balanced_accuracy"]
                     for h, m in sorted((final.get("sites") or {}).items()) if "test" in m}
+    cms = {h: m["test"].get("confusion_matrix")
+           for h, m in sorted((final.get("sites") or {}).items()) if "test" in m}
+    if cms and all(cm is not None for cm in cms.values()):
+        out["cms"] = {"global": cms}  # what the bootstrap redraws
     return out
 
 
@@ -146,26 +161,37 @@ def _local_scores(at_sites: dict[str, dict[str, dict]]) -> dict:
     out["other_site_balanced_accuracy"] = float(np.mean(others)) if others else None
     out["by_hospital"] = {h: {s: at_sites[h][s]["balanced_accuracy"] for s in sites}
                           for h in hospitals}
+    out["cms"] = {h: {s: at_sites[h][s]["confusion_matrix"] for s in sites} for h in hospitals}
     return out
 
 
-def summarize(seeds: list[dict]) -> dict:
-    """An arm's seeds as intervals (and per-site means)."""
-    keys = [k for k in seeds[0] if k not in ("sites", "by_hospital", "seconds", "epsilon_max")]
-    out = {k: t_interval([s[k] for s in seeds]) for k in keys}
+def summarize(seeds: list[dict], interval: str = "t") -> dict:
+    """An arm's seeds as intervals (and per-site means). `interval` "bootstrap": the scores the
+    confusion matrices give take bootstrap intervals (ci95) with the t interval beside them
+    (ci95_t); the others (ROC-AUC) and any arm without matrices keep the t interval."""
+    skip = ("sites", "by_hospital", "seconds", "epsilon_max", "cms")
+    keys = [k for k in seeds[0] if k not in skip]
+    out = {k: {**t_interval([s[k] for s in seeds]), "interval": "t"} for k in keys}
+    if interval == "bootstrap" and all("cms" in s for s in seeds):
+        from fedray.experiments import bootstrap
+
+        for key, ci in bootstrap.intervals([s["cms"] for s in seeds]).items():
+            if key in out and out[key]["mean"] is not None:
+                out[key].update(ci95_t=out[key]["ci95"], ci95=ci, interval="bootstrap")
     out["sites"] = {h: float(np.mean([s["sites"][h] for s in seeds])) for h in seeds[0]["sites"]}
     if "by_hospital" in seeds[0]:
         first = seeds[0]["by_hospital"]
         out["by_hospital"] = {h: {s: float(np.mean([x["by_hospital"][h][s] for x in seeds]))
                                   for s in first[h]} for h in first}
-    out["seconds"] = float(np.mean([s["seconds"] for s in seeds]))
+    seconds = [s["seconds"] for s in seeds if s.get("seconds") is not None]
+    out["seconds"] = float(np.mean(seconds)) if seconds else None
     eps = [s["epsilon_max"] for s in seeds if s.get("epsilon_max") is not None]
     out["epsilon_max"] = max(eps) if eps else None
     return out
 
 
 def budget(config: ExperimentConfig, seeds: list[int], dp: dict | None,
-           resplit: bool = False) -> dict:
+           resplit: bool = False, interval: str = "bootstrap") -> dict:
     t, f = config.training, config.federation
     split_seed = config.data.split.seed if config.data.split.seed is not None else config.seed
     return {"rounds": f.rounds, "local_epochs": t.local_epochs,
@@ -173,7 +199,7 @@ def budget(config: ExperimentConfig, seeds: list[int], dp: dict | None,
             "weight_decay": t.weight_decay, "batch_size": t.batch_size,
             "backbone": config.model.backbone, "image_size": config.data.image_size,
             "sites": sorted(config.data.sites), "seeds": seeds, "dp": dp,
-            "split_seed": "each seed's own" if resplit else split_seed,
+            "split_seed": "each seed's own" if resplit else split_seed, "interval": interval,
             "seeds_vary": ("initialisation, data order, augmentation, DP noise and the local "
                            "splits" if resplit else "initialisation, data order, augmentation "
                            "and DP noise; every seed is scored on the same local test splits"),
@@ -186,7 +212,7 @@ def _fmt(summary: dict) -> str:
     if summary.get("mean") is None:
         return "-"
     lo, hi = summary["ci95"]
-    flag = "*" if summary.get("single_seed") else ""
+    flag = "*" if summary.get("single_seed") and summary.get("interval") == "t" else ""
     return f"{summary['mean']:.3f} [{lo:.3f}, {hi:.3f}]{flag}"
 
 
@@ -199,8 +225,11 @@ def to_markdown(arms: dict[str, dict], budget_: dict) -> str:
         cells = [_fmt(a[k]) for k in SUMMARY] + [f"{a['sites'][s]:.3f}" if s in a["sites"]
                                                  else "-" for s in sites]
         eps = f"{a['epsilon_max']:.2f}" if a.get("epsilon_max") is not None else "-"
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {eps} | {a['seconds']:.0f} |")
-    lines += ["", f"Mean [95% interval] over seeds {budget_['seeds']}: {INTERVAL}"
+        secs = f"{a['seconds']:.0f}" if a.get("seconds") is not None else "-"
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {eps} | {secs} |")
+    method = budget_.get("interval", "t")
+    lines += ["", f"Mean [95% interval] over seeds {budget_['seeds']}: {INTERVALS[method]}"
+              + ("; ROC-AUC: Student t over seeds" if method == "bootstrap" else "")
               + ("; * one seed, no interval." if len(budget_["seeds"]) == 1 else ".")]
     lines.append(f"Budget for every arm: {budget_['rounds']} rounds x {budget_['local_epochs']} "
                  f"local epochs, AdamW lr {budget_['lr']:g}, batch {budget_['batch_size']}, "
@@ -278,6 +307,7 @@ def _local_only(config: ExperimentConfig, runs: Path, folder: Path,
 def run_comparison(config: ExperimentConfig, strategies: list[str], *, centralized: bool,
                    dp: bool, output_dir: Path, workers: int = 2, local_only: bool = False,
                    seeds: int = 1, dp_epsilon: float | None = None, resplit: bool = False,
+                   interval: str = "bootstrap",
                    log: Callable[[str], None] = print) -> Path:
     """Run every arm `seeds` times; write comparison.json, .md and .png; return the folder.
     The files are rewritten after every seed, so a stopped comparison keeps what it finished."""
@@ -292,7 +322,9 @@ def run_comparison(config: ExperimentConfig, strategies: list[str], *, centraliz
         p = federated["fedavg+dp"].privacy
         dp_info = {"mechanism": "DP-SGD in every hospital (Opacus), FedAvg aggregation",
                    "target_epsilon": p.target_epsilon, "unit": p.unit}
-    plan = budget(config, seed_list, dp_info, resplit)
+    if interval not in INTERVALS:
+        raise ValueError(f"interval {interval!r} is not one of {sorted(INTERVALS)}")
+    plan = budget(config, seed_list, dp_info, resplit, interval)
     per_seed: dict[str, list[dict]] = {}
     failed: dict[str, list[str]] = {}
     dp_dirs: list[Path] = []
@@ -340,10 +372,12 @@ def run_comparison(config: ExperimentConfig, strategies: list[str], *, centraliz
 
 def _write(folder: Path, per_seed: dict[str, list[dict]], plan: dict, dp_dirs: list[Path],
            failed: dict[str, list[str]], log: Callable[[str], None] | None) -> Path:
-    arms = {name: summarize(seeds) for name, seeds in per_seed.items()}
+    method = plan.get("interval", "t")
+    atomic.write_json(folder / SEEDS_FILE, per_seed)
+    arms = {name: summarize(seeds, method) for name, seeds in per_seed.items()}
     total = total_epsilon(dp_dirs)
     atomic.write_json(folder / "comparison.json", {
-        "arms": arms, "budget": plan, "interval": INTERVAL, "privacy_total": total,
+        "arms": arms, "budget": plan, "interval": INTERVALS[method], "privacy_total": total,
         "failed": failed})
     text = to_markdown(arms, plan) + privacy_total_markdown(total)
     if failed:
@@ -353,3 +387,59 @@ def _write(folder: Path, per_seed: dict[str, list[dict]], plan: dict, dp_dirs: l
     if log:
         log(text)
     return folder
+
+
+def resummarize(folder: Path, interval: str, log: Callable[[str], None] = print) -> Path:
+    """Rewrite a comparison folder's comparison.json/.md/.png with `interval`, from its
+    seeds.json, or from its run folders when an older comparison wrote none."""
+    folder = Path(folder)
+    if interval not in INTERVALS:
+        raise ValueError(f"interval {interval!r} is not one of {sorted(INTERVALS)}")
+    previous = json.loads((folder / "comparison.json").read_text())
+    if (folder / SEEDS_FILE).is_file():
+        per_seed = json.loads((folder / SEEDS_FILE).read_text())
+    else:  # an older comparison: rebuilt from its runs, each arm's mean seconds carried over
+        per_seed = _seeds_from_runs(folder / "runs")
+        for name, seeds in per_seed.items():
+            for scores in seeds:
+                scores["seconds"] = (previous["arms"].get(name) or {}).get("seconds")
+    known = [n for n in previous["arms"] if n in per_seed]
+    per_seed = {n: per_seed[n] for n in known + [n for n in per_seed if n not in known]}
+    dp_dirs = [p.parent for p in sorted((folder / "runs").glob("*/*/metrics.json"))
+               if ((json.loads(p.read_text()).get("privacy") or {}).get("dp_sgd"))]
+    first = (previous["budget"].get("seeds") or [0])[0]
+    plan = {**previous["budget"], "interval": interval,
+            "seeds": [first + i for i in range(max(map(len, per_seed.values()), default=0))],
+            "seeds_per_arm": {name: len(seeds) for name, seeds in per_seed.items()}}
+    return _write(folder, per_seed, plan, dp_dirs, previous.get("failed") or {}, log=log)
+
+
+def _seeds_from_runs(runs: Path) -> dict[str, list[dict]]:
+    """Per-seed scores from a comparison's run folders (seconds unknown: None)."""
+    def seed_of(name: str) -> int:
+        match = re.search(r"-s(\d+)-\d{8}-\d{6}$", name) or re.fullmatch(r"s(\d+)", name)
+        if not match:
+            raise ValueError(f"{runs}: cannot tell the seed of run folder {name!r}")
+        return int(match.group(1))
+
+    out: dict[str, list[dict]] = {}
+    for arm in sorted(p for p in runs.iterdir() if p.is_dir()):
+        found = []
+        for run in sorted(p for p in arm.iterdir() if p.is_dir()):
+            if arm.name == LOCAL_ONLY:
+                at_sites = {}
+                for local in sorted(run.iterdir()):
+                    if (local / "at_sites.json").is_file():
+                        hospital = next(iter(json.loads(
+                            (local / "data" / "sites.json").read_text())["sites"]))
+                        at_sites[hospital] = json.loads((local / "at_sites.json").read_text())
+                if at_sites:
+                    found.append((seed_of(run.name), {**_local_scores(at_sites), "seconds": None}))
+            elif (run / "metrics.json").is_file():
+                final = json.loads((run / "metrics.json").read_text())
+                found.append((seed_of(run.name), {**_scores(final), "seconds": None,
+                                                  "epsilon_max": _epsilon(final)}))
+        if found:
+            out[arm.name] = [scores for _, scores in sorted(found, key=lambda x: x[0])]
+    order = [n for n in out if n not in (CENTRALIZED, LOCAL_ONLY)]
+    return {n: out[n] for n in order + [CENTRALIZED, LOCAL_ONLY] if n in out}
