@@ -22,6 +22,7 @@ import dataclasses
 import json
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -150,6 +151,7 @@ def main() -> None:
     if args.images_per_patient:
         patient_rows(args, data, loss_fn, result)
     args.output.parent.mkdir(parents=True, exist_ok=True)
+    result["command"] = " ".join(["python", "benchmarks/dp_overhead.py", *sys.argv[1:]])
     args.output.write_text(json.dumps(result, indent=2))
 
 

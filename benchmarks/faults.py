@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import threading
 import time
@@ -82,6 +83,7 @@ def main() -> None:
     print(f"clean {clean['seconds']:.1f}s, one hospital killed in round 2: "
           f"{faulty['seconds']:.1f}s ({result['extra_rounds']:+.2f} round-times)")
     args.output.parent.mkdir(parents=True, exist_ok=True)
+    result["command"] = " ".join(["python", "benchmarks/faults.py", *sys.argv[1:]])
     args.output.write_text(json.dumps(result, indent=2))
 
 

@@ -264,6 +264,7 @@ def main() -> None:
         line += f"; Flower/plain {result['flower_ratio']:.2f}; fedray/Flower " \
                 f"{result['fedray_vs_flower']:.2f}"
     print(line)
+    result["command"] = " ".join(["python", "benchmarks/federation.py", *sys.argv[1:]])
     args.output.write_text(json.dumps(result, indent=2))
 
 

@@ -18,6 +18,7 @@ import itertools
 import json
 import os
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -113,6 +114,7 @@ def main() -> None:
         print(f"ratio tune/sequential: {ratio:.3f} (target <= {TARGET})")
     print(f"failed for lack of resources: {tuned['failed_for_resources']}")
     args.output.parent.mkdir(parents=True, exist_ok=True)
+    result["command"] = " ".join(["python", "benchmarks/sweep.py", *sys.argv[1:]])
     args.output.write_text(json.dumps(result, indent=2))
     ray.shutdown()
 
