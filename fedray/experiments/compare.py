@@ -230,7 +230,7 @@ def to_markdown(arms: dict[str, dict], budget_: dict) -> str:
     method = budget_.get("interval", "t")
     lines += ["", f"Mean [95% interval] over seeds {budget_['seeds']}: {INTERVALS[method]}"
               + ("; ROC-AUC: Student t over seeds" if method == "bootstrap" else "")
-              + ("; * one seed, no interval." if len(budget_["seeds"]) == 1 else ".")]
+              + ("; * one seed: no t interval." if len(budget_["seeds"]) == 1 else ".")]
     lines.append(f"Budget for every arm: {budget_['rounds']} rounds x {budget_['local_epochs']} "
                  f"local epochs, AdamW lr {budget_['lr']:g}, batch {budget_['batch_size']}, "
                  f"{budget_['backbone']} at {budget_['image_size']} px.")
