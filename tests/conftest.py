@@ -55,6 +55,29 @@ def tiny_config(tmp_path: Path, **overrides: object) -> ExperimentConfig:
     return load_config(None, [f"{k}={v}" for k, v in sets.items()])
 
 
+def fit_in_grad_sample_modes(shard_dir: Path, modes: tuple[str, ...]) -> dict:
+    """hospital_a's first DP round (reproducible noise, seed 5) from the same starting weights
+    in each grad-sample mode: {mode: FitRes}. Same batches and noise draws in every mode."""
+    from fedray.data.shards import ShardSet
+    from fedray.federation.client import HospitalClient
+    from fedray.federation.messages import FitIns
+
+    shards = ShardSet.load(shard_dir)
+    weights, results = None, {}
+    for mode in modes:
+        config = tiny_config(shard_dir, **{
+            "model.dp_safe": "true", "privacy.enabled": "true", "privacy.noise_multiplier": 0.7,
+            "privacy.max_grad_norm": 0.1, "privacy.grad_sample_mode": mode,
+            "privacy.reproducible_noise": "true", "privacy.share_local_metrics": "true",
+            "data.augment": "false"})
+        client = HospitalClient("hospital_a", shards.path(shards.hospitals["hospital_a"]), config,
+                                None, num_threads=1)
+        if weights is None:
+            weights = {k: v.numpy().copy() for k, v in client.model.state_dict().items()}
+        results[mode] = client.fit(weights, FitIns(round=1, lr=1e-3, local_epochs=1, seed=5))
+    return results
+
+
 @pytest.fixture(scope="module")
 def shard_dir(tmp_path_factory, synth_table) -> Path:
     """Two hospitals' shards of the tiny synthetic table, shared by a test module."""

@@ -16,14 +16,11 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from fedray import privacy
 from fedray.config import PrivacyConfig
-from fedray.data.shards import ShardSet
-from fedray.federation.client import HospitalClient
-from fedray.federation.messages import FitIns
 from fedray.models import BACKBONES, available_backbones, build_model
 from fedray.privacy import bookkeeping, ghost_norms
 from fedray.privacy.bookkeeping import BookKeepingLoss, BookKeepingModule
 
-from conftest import tiny_config
+from conftest import fit_in_grad_sample_modes
 
 pytestmark = pytest.mark.filterwarnings("ignore:Secure RNG turned off",
                                         "ignore:Full backward hook is firing",
@@ -422,25 +419,12 @@ def test_config_accepts_bk() -> None:
 
 
 def test_hospital_trained_with_bk_equals_ghost(shard_dir: Path) -> None:
-    shards = ShardSet.load(shard_dir)
-    weights = None
-    results = {}
-    for mode in ("bk", "ghost"):
-        config = tiny_config(shard_dir, **{
-            "model.dp_safe": "true", "privacy.enabled": "true", "privacy.noise_multiplier": 0.7,
-            "privacy.max_grad_norm": 0.1, "privacy.grad_sample_mode": mode,
-            "privacy.reproducible_noise": "true", "privacy.share_local_metrics": "true",
-            "data.augment": "false"})
-        client = HospitalClient("hospital_a", shards.path(shards.hospitals["hospital_a"]), config,
-                                None, num_threads=1)
-        if weights is None:
-            weights = {k: v.numpy().copy() for k, v in client.model.state_dict().items()}
-        results[mode] = client.fit(weights, FitIns(round=1, lr=1e-3, local_epochs=1, seed=5))
+    results = fit_in_grad_sample_modes(shard_dir, ("bk", "ghost"))
     bk, ghost = results["bk"], results["ghost"]
     assert bk.metrics["epsilon"] == pytest.approx(ghost.metrics["epsilon"])
     assert bk.metrics["dp_steps"] == ghost.metrics["dp_steps"]
     assert np.isfinite(bk.metrics["loss"])
     assert bk.metrics["loss"] == pytest.approx(ghost.metrics["loss"], rel=1e-4)
     # Same seed, same Poisson batches and noise draws: the same weights up to float error.
-    for key in weights:
+    for key in bk.weights:
         np.testing.assert_allclose(bk.weights[key], ghost.weights[key], atol=1e-4, rtol=1e-3)

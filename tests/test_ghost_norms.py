@@ -10,12 +10,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedray.privacy import ghost_norms
-from fedray.federation.client import HospitalClient
-from fedray.data.shards import ShardSet
-from fedray.federation.messages import FitIns
 from fedray.models import build_model
 
-from conftest import tiny_config
+from conftest import fit_in_grad_sample_modes
 
 
 @pytest.mark.parametrize("force_ghost", [False, True])
@@ -76,23 +73,10 @@ def test_ghost_step_equals_hooks_step_with_clipping_active():
 
 
 def test_hospital_trains_with_ghost_clipping(shard_dir: Path):
-    shards = ShardSet.load(shard_dir)
-    weights = None
-    results = {}
-    for mode in ("ghost", "hooks"):
-        config = tiny_config(shard_dir, **{
-            "model.dp_safe": "true", "privacy.enabled": "true", "privacy.noise_multiplier": 0.7,
-            "privacy.max_grad_norm": 0.1, "privacy.grad_sample_mode": mode,
-            "privacy.reproducible_noise": "true", "privacy.share_local_metrics": "true",
-            "data.augment": "false"})
-        client = HospitalClient("hospital_a", shards.path(shards.hospitals["hospital_a"]), config,
-                                None, num_threads=1)
-        if weights is None:
-            weights = {k: v.numpy().copy() for k, v in client.model.state_dict().items()}
-        results[mode] = client.fit(weights, FitIns(round=1, lr=1e-3, local_epochs=1, seed=5))
+    results = fit_in_grad_sample_modes(shard_dir, ("ghost", "hooks"))
     ghost, hooks = results["ghost"], results["hooks"]
     assert ghost.metrics["epsilon"] == pytest.approx(hooks.metrics["epsilon"])
     assert np.isfinite(ghost.metrics["loss"])
     # Same seed, same Poisson batches and noise draws: the same weights up to float error.
-    for key in weights:
+    for key in ghost.weights:
         np.testing.assert_allclose(ghost.weights[key], hooks.weights[key], atol=1e-4, rtol=1e-3)
