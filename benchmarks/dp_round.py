@@ -28,21 +28,13 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from federation import RESULTS, run_fedray, write_config, write_dataset  # noqa: E402
-
-
-def fit_per_round(run_dir: Path) -> list[float]:
-    history = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r["timings"]["fit_s"] for r in history]
+from federation import (RESULTS, WORKLOAD, add_workload_args, run_fedray,  # noqa: E402
+                        write_config, write_dataset)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--hospitals", type=int, default=2)
-    parser.add_argument("--per-hospital", type=int, default=256)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--size", type=int, default=64)
-    parser.add_argument("--backbone", default="resnet18")
+    add_workload_args(parser, hospitals=2, per_hospital=256)
     parser.add_argument("--grad-sample-mode", default=None,
                         help="privacy.grad_sample_mode (default: the config default)")
     parser.add_argument("--output", type=Path, default=RESULTS / "dp_round.json")
@@ -65,23 +57,18 @@ def main() -> None:
                     config["privacy"]["grad_sample_mode"] = args.grad_sample_mode
             path.write_text(yaml.safe_dump(config, sort_keys=False))
             out = run_fedray(path, RESULTS / f"dp_round-{side}.log")
-            run_dir = next((root / f"runs-{side}").iterdir())
-            fits = fit_per_round(run_dir)
+            fits = out["fedray_fit_s_per_round"]
             sides[side] = {"process_s": out["fedray_s"], "fit_s_per_round": fits,
                            "fit_s": statistics.mean(fits[1:])}
             if side == "dp":
-                metrics = json.loads((run_dir / "metrics.json").read_text())
-                ledgers = (metrics.get("privacy") or {}).get("hospitals") or {}
-                sides[side]["epsilon_max"] = max((h["epsilon"] for h in ledgers.values()),
-                                                 default=None)
+                sides[side]["epsilon_max"] = out["fedray_epsilon_max"]
             print(f"{side}: fit {sides[side]['fit_s']:.2f}s a round (rounds 2..), "
                   f"process {out['fedray_s']:.1f}s")
     result = {"plain_fit_s": sides["plain"]["fit_s"], "dp_fit_s": sides["dp"]["fit_s"],
               "ratio": sides["dp"]["fit_s"] / sides["plain"]["fit_s"],
               "process_ratio": sides["dp"]["process_s"] / sides["plain"]["process_s"],
               "sides": sides, "grad_sample_mode": args.grad_sample_mode or "default",
-              "workload": {k: v for k, v in vars(args).items() if k in (
-                  "hospitals", "per_hospital", "rounds", "size", "backbone")},
+              "workload": {k: v for k, v in vars(args).items() if k in WORKLOAD},
               "command": "python benchmarks/dp_round.py " + " ".join(sys.argv[1:]),
               "load_average": os.getloadavg(), "cpus": os.cpu_count(),
               "machine": platform.machine()}

@@ -133,6 +133,10 @@ def run_fedray(config: Path, log: Path) -> dict:
         "fedray_rounds_s": sum(r["timings"]["fit_s"] + r["timings"]["aggregate_s"]
                                + r["timings"]["evaluate_s"] for r in history),
         "fedray_fit_s": sum(r["timings"]["fit_s"] for r in history),
+        "fedray_fit_s_per_round": [r["timings"]["fit_s"] for r in history],
+        "fedray_epsilon_max": max((h["epsilon"] for h in ((final.get("privacy") or {})
+                                                          .get("hospitals") or {}).values()),
+                                  default=None),
         "fedray_after_outputs_s": out["wall_s"] - outputs[0],
         "fedray_startup": startup,
         "val_accuracy": (history[-1].get("val") or {}).get("accuracy"),
@@ -203,13 +207,22 @@ def peers_version(peers: Path) -> str | None:
         return None
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--hospitals", type=int, default=4)
-    parser.add_argument("--per-hospital", type=int, default=512)
+WORKLOAD = ("hospitals", "per_hospital", "rounds", "size", "backbone")
+
+
+def add_workload_args(parser: argparse.ArgumentParser, hospitals: int = 4,
+                      per_hospital: int = 512) -> None:
+    """The workload's flags (write_config reads them), shared with benchmarks/dp_round.py."""
+    parser.add_argument("--hospitals", type=int, default=hospitals)
+    parser.add_argument("--per-hospital", type=int, default=per_hospital)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--backbone", default="resnet18")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_workload_args(parser)
     parser.add_argument("--peers", type=Path, default=ROOT / ".venv-peers",
                         help="the environment with Flower (make bench-peers)")
     parser.add_argument("--output", type=Path, default=RESULTS / "federation.json")
@@ -255,8 +268,7 @@ def main() -> None:
               "flower_ratio": flower["flower_s"] / limit["limit_s"] if flower else None,
               "fedray_vs_flower": fed["fedray_s"] / flower["flower_s"] if flower else None,
               "flower_version": flwr_version,
-              "workload": {k: v for k, v in vars(args).items() if k in (
-                  "hospitals", "per_hospital", "rounds", "size", "backbone")},
+              "workload": {k: v for k, v in vars(args).items() if k in WORKLOAD},
               "load_average": {"before": load_before, "after": os.getloadavg()},
               "cpus": os.cpu_count(), "machine": platform.machine(), "torch": torch.__version__}
     line = f"fedray/plain {result['ratio']:.2f}"
