@@ -102,14 +102,15 @@ def local_config(config: ExperimentConfig, hospital: str) -> ExperimentConfig:
         "federation.hospitals": 1, "federation.min_clients": 1, **_strategy(config, "fedavg")})
 
 
-def seeded(config: ExperimentConfig, seed: int, resplit: bool = False) -> ExperimentConfig:
+def seeded(config: ExperimentConfig, seed: int, resplit: bool = False,
+           name: str | None = None) -> ExperimentConfig:
     """`config` at `seed`. The sites' splits stay those of the comparison's own split seed
     (data.split.seed, else its seed): a seed varies initialisation, data order, augmentation and
     noise, every arm and seed is scored on the same test patients. `resplit` makes each seed
     also draw its own split (the interval then includes which patients were held out)."""
     split_seed = seed if resplit else (config.data.split.seed if config.data.split.seed
                                        is not None else config.seed)
-    return _variant(config, config.name, {"seed": seed, "data.split.seed": split_seed})
+    return _variant(config, name or config.name, {"seed": seed, "data.split.seed": split_seed})
 
 
 def t_interval(values: list[float]) -> dict:
@@ -340,8 +341,7 @@ def run_comparison(config: ExperimentConfig, strategies: list[str], *, centraliz
                 del per_seed[name]
 
     def federated_arm(name: str, variant: ExperimentConfig, seed: int) -> dict:
-        arm = seeded(variant, seed, resplit)
-        arm = _variant(arm, f"{variant.name}-s{seed}", {})
+        arm = seeded(variant, seed, resplit, name=f"{variant.name}-s{seed}")
         result = experiment.run(arm, output_dir=folder / "runs" / name, log=log)
         if arm.privacy.enabled:
             dp_dirs.append(result.run_dir)
