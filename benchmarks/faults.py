@@ -39,7 +39,7 @@ def one_run(config, shards, run_dir: Path, kill_in_round: int | None) -> dict:
         while True:
             killer = None
             if kill_in_round is not None and coord.round + 1 == kill_in_round:
-                victim = pool.actors[pool.names[-1]]
+                victim = pool.process(pool.names[-1])
                 killer = threading.Timer(2.0, lambda: ray.kill(victim, no_restart=False))
                 killer.start()
             record = coord.run_round()
@@ -50,8 +50,7 @@ def one_run(config, shards, run_dir: Path, kill_in_round: int | None) -> dict:
             rounds.append({k: record[k] for k in ("round", "completed", "failures", "timings")})
         return {"seconds": time.perf_counter() - start, "rounds": rounds}
     finally:
-        for actor in pool.actors.values():
-            ray.kill(actor)
+        pool.kill()
 
 
 def main() -> None:

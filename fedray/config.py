@@ -243,6 +243,10 @@ class RuntimeConfig(_Strict):
     hospital_num_gpus: float = Field(0.0, ge=0)
     coordinator_num_cpus: float = Field(0.0, ge=0)
     coordinator_num_gpus: float = Field(0.0, ge=0)
+    hospitals_per_process: int | None = Field(
+        None, ge=1, description="hospitals sharing one worker process; None = one each, "
+                                "except on a local Ray where they outnumber the CPUs (one "
+                                "process per CPU)")
     max_restarts: int = Field(1, ge=0)
     restart_wait_s: float = Field(120.0, ge=0, description="wait for a restarting hospital")
     device: Literal["auto", "cpu", "cuda"] = "auto"

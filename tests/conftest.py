@@ -16,11 +16,16 @@ from fedray.config import ExperimentConfig, load_config  # noqa: E402
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """The session's one local Ray; tests that need Ray take this fixture."""
+    """The session's one local Ray; tests that need Ray take this fixture. Runs one after
+    another share their hospitals' worker processes (fedray.federation.hosts.reusing), as a
+    comparison's arms do, so the suite starts and imports them a few times, not per run."""
     import ray
 
+    from fedray.federation import hosts
+
     ray.init(num_cpus=4, include_dashboard=False, configure_logging=False, log_to_driver=False)
-    yield ray
+    with hosts.reusing():
+        yield ray
     ray.shutdown()
 
 

@@ -35,8 +35,7 @@ def run(ray_session, tmp_path: Path, synth_table):
     pool.wait_ready()
     coord = Coordinator(config, tmp_path, pool, shards, num_threads=1)
     yield coord, pool
-    for actor in pool.actors.values():
-        ray_session.kill(actor)
+    pool.kill()
 
 
 def test_killed_hospital_is_a_failure_then_rejoins_with_its_ledger(ray_session, run) -> None:
@@ -81,8 +80,7 @@ def test_straggler_times_out_and_the_run_goes_on(ray_session, tmp_path: Path, sy
         assert [(f["hospital"], f["kind"]) for f in record["failures"]] == [("hospital_b", "timeout")]
         assert record["completed"] == ["hospital_a"] and record["counted"]
     finally:
-        for actor in pool.actors.values():
-            ray_session.kill(actor)
+        pool.kill()
 
 
 def test_budget_refusal_crosses_ray_as_a_budget_failure(ray_session, tmp_path: Path, synth_table) -> None:
@@ -98,5 +96,4 @@ def test_budget_refusal_crosses_ray_as_a_budget_failure(ray_session, tmp_path: P
         assert "privacy budget exhausted" in record["failures"][0]["message"]
         assert "privacy budget spent" in record["stop_reason"] and coord.run_round() is None
     finally:
-        for actor in pool.actors.values():
-            ray_session.kill(actor)
+        pool.kill()

@@ -134,8 +134,7 @@ SCRIPT = textwrap.dedent("""
             return load_config(Path(config_path), list(sets))
 
         def kill(pool):
-            for actor in pool.actors.values():
-                ray.kill(actor, no_restart=True)
+            pool.kill()
 
         cluster.wait_for_nodes()
         ray.init(address=cluster.address, log_to_driver=False, runtime_env={

@@ -63,8 +63,7 @@ def test_hospitals_are_separate_processes_with_matched_threads(ray_session, tmp_
         assert len(pids) == 2 and os.getpid() not in pids
         assert all(info["threads"] == 1 for info in pool.info.values())
     finally:
-        for actor in pool.actors.values():
-            ray_session.kill(actor)
+        pool.kill()
 
 
 def test_hospital_that_cannot_start_is_named(ray_session, tmp_path) -> None:

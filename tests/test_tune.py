@@ -266,8 +266,7 @@ def test_hospitals_take_their_own_bundle_of_the_trials_placement_group(
     def inside_the_group() -> dict:
         pool = runtime.RayPool(config, ShardSet.load(shard_dir), tmp_path)
         info = pool.wait_ready()
-        for actor in pool.actors.values():
-            ray.kill(actor, no_restart=True)
+        pool.kill()
         return {name: (i["placement_group"], i["assigned"]) for name, i in info.items()}
 
     try:

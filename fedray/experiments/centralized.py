@@ -148,10 +148,17 @@ def _fit(config: ExperimentConfig, files: dict, run_dir: Path, workers: int) -> 
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from fedray.federation import hosts
+
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / run_folder.CONFIG).write_text(config.to_yaml())
     (run_dir / run_folder.METRICS_JSONL).write_text("")
     use_gpu = config.runtime.hospital_num_gpus > 0
+    # Ray Train's workers need CPUs that idle hospital hosts of this driver may hold
+    if use_gpu:
+        hosts.forget_idle()
+    else:
+        hosts.make_room(workers)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"config": config.model_dump(mode="json"), "threads": 1,

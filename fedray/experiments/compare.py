@@ -312,6 +312,8 @@ def run_comparison(config: ExperimentConfig, strategies: list[str], *, centraliz
                    log: Callable[[str], None] = print) -> Path:
     """Run every arm `seeds` times; write comparison.json, .md and .png; return the folder.
     The files are rewritten after every seed, so a stopped comparison keeps what it finished."""
+    from fedray.federation import hosts
+
     folder = Path(output_dir).resolve() / f"{config.name}-compare-{time.strftime('%Y%m%d-%H%M%S')}"
     folder.mkdir(parents=True)
     (folder / "config.yaml").write_text(config.to_yaml())
@@ -357,16 +359,18 @@ def run_comparison(config: ExperimentConfig, strategies: list[str], *, centraliz
                                       workers=workers)
         return {**_scores(final), "seconds": final["seconds"]}
 
-    for k, seed in enumerate(seed_list):
-        for name, variant in federated.items():
-            attempt(name, seed, lambda: federated_arm(name, variant, seed))
-        at_seed = seeded(config, seed, resplit)
-        if centralized:
-            attempt(CENTRALIZED, seed, lambda: centralized_arm(at_seed, seed))
-        if local_only:
-            attempt(LOCAL_ONLY, seed, lambda: _local_only(
-                at_seed, folder / "runs" / LOCAL_ONLY / f"s{seed}", folder, log))
-        _write(folder, per_seed, {**plan, "seeds": seed_list[:k + 1]}, dp_dirs, failed, log=None)
+    with hosts.reusing():  # the arms' runs start their hospitals' processes once
+        for k, seed in enumerate(seed_list):
+            for name, variant in federated.items():
+                attempt(name, seed, lambda: federated_arm(name, variant, seed))
+            at_seed = seeded(config, seed, resplit)
+            if centralized:
+                attempt(CENTRALIZED, seed, lambda: centralized_arm(at_seed, seed))
+            if local_only:
+                attempt(LOCAL_ONLY, seed, lambda: _local_only(
+                    at_seed, folder / "runs" / LOCAL_ONLY / f"s{seed}", folder, log))
+            _write(folder, per_seed, {**plan, "seeds": seed_list[:k + 1]}, dp_dirs, failed,
+                   log=None)
     return _write(folder, per_seed, plan, dp_dirs, failed, log=log)
 
 

@@ -103,6 +103,8 @@ def run_cv(config: ExperimentConfig, *, folds: int = 5, centralized: bool = Fals
     Writes cv.json and cv.md (rewritten after every fold, so a stopped run keeps what it
     finished) and returns the folder.
     """
+    from fedray.federation import hosts
+
     if folds < 2:
         raise ValueError(f"cross-validation needs at least 2 folds, got {folds}")
     base = Path(output_dir).resolve() / f"{config.name}-cv{folds}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -124,35 +126,36 @@ def run_cv(config: ExperimentConfig, *, folds: int = 5, centralized: bool = Fals
     fed_rows: list[dict] = []
     cen_rows: list[dict] = []
     run_dirs: list[Path] = []
-    for k in range(folds):
-        log(f"== fold {k + 1}/{folds}")
-        fold_dir = folder / f"fold_{k}"
-        splits = assign_fold_splits(table, folds=folds, fold=k, val=sp.val, seed=config.seed,
-                                    group_aware=sp.group_aware)
-        shards = build_shards(table, config.data, config.federation.hospitals, config.seed,
-                              fold_dir / rf.DATA, splits=splits)
-        sizes = {s: int(np.sum(splits == s)) for s in ("train", "val", "test")}
-        (fold_dir / rf.DATA / "fold.json").write_text(json.dumps(
-            {"folds": folds, "fold": k, "seed": config.seed, **sizes}, indent=2))
-        result["fold_sizes"].append({"fold": k, **sizes})
-        log(counts_table(shards))
+    with hosts.reusing():  # the folds' runs start their hospitals' processes once
+        for k in range(folds):
+            log(f"== fold {k + 1}/{folds}")
+            fold_dir = folder / f"fold_{k}"
+            splits = assign_fold_splits(table, folds=folds, fold=k, val=sp.val, seed=config.seed,
+                                        group_aware=sp.group_aware)
+            shards = build_shards(table, config.data, config.federation.hospitals, config.seed,
+                                  fold_dir / rf.DATA, splits=splits)
+            sizes = {s: int(np.sum(splits == s)) for s in ("train", "val", "test")}
+            (fold_dir / rf.DATA / "fold.json").write_text(json.dumps(
+                {"folds": folds, "fold": k, "seed": config.seed, **sizes}, indent=2))
+            result["fold_sizes"].append({"fold": k, **sizes})
+            log(counts_table(shards))
 
-        run = experiment.run(config, output_dir=fold_dir / "runs", shards=shards, log=log)
-        fed_rows.append(_fold_row(k, run.final, run.seconds, run.run_dir, folder))
-        result["federated"] = _arm(fed_rows)
-        run_dirs.append(run.run_dir)
-        result["privacy_total"] = total_epsilon(run_dirs)
-        if centralized:
-            from fedray.experiments.centralized import run_centralized
-            from fedray.federation.runtime import init_ray
+            run = experiment.run(config, output_dir=fold_dir / "runs", shards=shards, log=log)
+            fed_rows.append(_fold_row(k, run.final, run.seconds, run.run_dir, folder))
+            result["federated"] = _arm(fed_rows)
+            run_dirs.append(run.run_dir)
+            result["privacy_total"] = total_epsilon(run_dirs)
+            if centralized:
+                from fedray.experiments.centralized import run_centralized
+                from fedray.federation.runtime import init_ray
 
-            log(f"== fold {k + 1}/{folds}: centralized (Ray Train)")
-            init_ray(config.runtime)
-            cen_dir = fold_dir / "runs" / "centralized"
-            final = run_centralized(config, shards, cen_dir, workers=workers)
-            cen_rows.append(_fold_row(k, final, final["seconds"], cen_dir, folder))
-            result["centralized"] = _arm(cen_rows)
-        _write(folder, result)
+                log(f"== fold {k + 1}/{folds}: centralized (Ray Train)")
+                init_ray(config.runtime)
+                cen_dir = fold_dir / "runs" / "centralized"
+                final = run_centralized(config, shards, cen_dir, workers=workers)
+                cen_rows.append(_fold_row(k, final, final["seconds"], cen_dir, folder))
+                result["centralized"] = _arm(cen_rows)
+            _write(folder, result)
     log(to_markdown(result))
     return folder
 

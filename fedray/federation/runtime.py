@@ -16,7 +16,8 @@ from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 from ray.util.placement_group import PlacementGroup, get_current_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from fedray.federation.client import HospitalClient
+from fedray.federation import hosts
+from fedray.federation.hosts import HospitalHandle, HospitalSpec, process_started
 from fedray.config import ExperimentConfig, RuntimeConfig
 from fedray.artifacts import run_folder as rf
 from fedray.data.shards import ShardSet
@@ -152,6 +153,42 @@ def hospital_placements(runtime: RuntimeConfig, names: list[str],
     return placements
 
 
+def host_groups(names: list[str], placements: dict[str, Placement], runtime: RuntimeConfig,
+                local: bool) -> list[tuple[Placement, list[str]]]:
+    """Which hospitals share a worker process (see fedray.federation.hosts), each group with
+    the placement of its process: the sum of its hospitals' CPUs.
+
+    Only hospitals that are neither pinned, nor given GPUs, nor in a placement group share.
+    `runtime.hospitals_per_process` sets how many share one process; by default (None) they
+    share only on a local Ray where they outnumber the CPUs by a whole factor: 4 hospitals of
+    half a CPU each become 2 processes of a CPU each, and take turns on it as they would on
+    the machine anyway. Elsewhere every hospital has a process of its own.
+    """
+    alone = [n for n in names if placements[n].resources or placements[n].num_gpus
+             or placements[n].bundle is not None]
+    shared = [n for n in names if n not in alone]
+    per = runtime.hospitals_per_process
+    if per is None:
+        per = 1
+        cpus = sum(placements[n].num_cpus for n in shared)
+        processes = max(1, math.floor(cpus + 1e-9))
+        if local and shared and processes < len(shared) and len(shared) % processes == 0:
+            per = len(shared) // processes
+    groups = [(placements[n], [n]) for n in alone]
+    for i in range(0, len(shared), per):
+        members = shared[i:i + per]
+        cpus = sum(placements[n].num_cpus for n in members)
+        threads = max(1, math.floor(cpus + 1e-9))
+        groups.append((Placement(num_cpus=cpus, num_gpus=0.0, threads=threads), members))
+    return groups
+
+
+def keeps_hosts(config: ExperimentConfig, group: PlacementGroup | None) -> bool:
+    """Whether a run may hand its hosts to the next run: not inside a Tune trial's placement
+    group (its hosts live there), and no injected fault (one may leave a host hung)."""
+    return group is None and not config.runtime.fault_injection
+
+
 def bundle_placements(names: list[str], bundles: list[dict[str, float]]) -> dict[str, Placement]:
     """Inside a trial's placement group hospital i takes bundle i + 1 whole; bundle 0 is the
     coordinator's (fedray.experiments.tune.trial_resources lays them out)."""
@@ -212,16 +249,6 @@ def live_nodes() -> list[dict[str, float]]:
     return [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
 
 
-def process_started() -> float | None:
-    """When this process started (wall clock), or None where that cannot be read."""
-    try:
-        import psutil  # Ray ships it
-
-        return psutil.Process().create_time()
-    except Exception:  # noqa: BLE001 - a start-up figure is never worth a failure
-        return None
-
-
 def startup_times(launched: float, times: dict[str, float | None]) -> dict[str, float | bool]:
     """Seconds of one actor's start-up from the wall-clock stamps it recorded.
 
@@ -236,23 +263,6 @@ def startup_times(launched: float, times: dict[str, float | None]) -> dict[str, 
     return {"to_init_s": max(0.0, begun - launched), "init_s": ready - begun,
             "ready_s": max(0.0, ready - launched),
             "prestarted": process is not None and process < launched - 1.0}
-
-
-class HospitalActor(HospitalClient):
-    """A hospital as a Ray actor: the same class, and `info` also says which node it is on
-    and when it started."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        begun = time.time()
-        super().__init__(*args, **kwargs)
-        self.started = {"process_start": process_started(), "init_start": begun,
-                        "ready": time.time()}
-
-    def info(self) -> dict:
-        context = ray.get_runtime_context()
-        return {**super().info(), "node_id": context.get_node_id(),
-                "placement_group": context.get_placement_group_id(),
-                "assigned": context.get_assigned_resources(), "started": self.started}
 
 
 def hospital_state_dir(config: ExperimentConfig, run_dir: Path, name: str) -> Path:
@@ -286,16 +296,28 @@ class RayPool:
             if problems:
                 raise StartupError("hospitals that no node of the cluster can host:\n  "
                                    + "\n  ".join(problems.values()))
-        remote = ray.remote(HospitalActor)
+        groups = host_groups(self.names, self.placements, rt, local=group is None and not (
+            rt.address or os.environ.get("RAY_ADDRESS")))
+        self.reusable = keeps_hosts(config, group)
+        wanted = [{"max_restarts": rt.max_restarts, "max_task_retries": 0,
+                   **placement.options(group)} for placement, _ in groups]
         self.launched = time.time()
-        self.actors = {
-            name: remote.options(
-                name=None, max_restarts=rt.max_restarts, max_task_retries=0,
-                **self.placements[name].options(group),
-            ).remote(name, None if sites else str(shards.path(shards.hospitals[name])), config,
-                     str(hospital_state_dir(config, run_dir, name)), self.placements[name].threads)
-            for name in self.names
-        }
+        self.hosts: list[tuple[ray.actor.ActorHandle, dict, list[str]]] = []
+        self.actors: dict[str, HospitalHandle] = {}
+        for (placement, members), options, (host, _) in zip(
+                groups, wanted, hosts.acquire(wanted, self.reusable)):
+            keys = []
+            for name in members:
+                spec = HospitalSpec(
+                    key=f"{run_dir}/{name}", name=name,
+                    shard_path=None if sites else str(shards.path(shards.hospitals[name])),
+                    config=config, state_dir=str(hospital_state_dir(config, run_dir, name)),
+                    threads=placement.threads)
+                ref = ray.put(spec)
+                host.open.remote(ref)  # loads while the coordinator builds
+                self.actors[name] = HospitalHandle(host, ref, spec.key)
+                keys.append(spec.key)
+            self.hosts.append((host, options, keys))
         self.info: dict[str, dict] = {}
         self.restart_wait_s = rt.restart_wait_s
         self.start_timeout_s = rt.start_timeout_s
@@ -337,9 +359,18 @@ class RayPool:
                 for name, info in sorted(self.info.items()) if "started" in info}
 
     def kill(self) -> None:
-        """End every hospital actor now (no restart)."""
-        for actor in self.actors.values():
-            ray.kill(actor, no_restart=True)
+        """End every hospital's process now (no restart)."""
+        for host, _, _ in self.hosts:
+            ray.kill(host, no_restart=True)
+
+    def close(self) -> None:
+        """The run is over: its hosts drop their hospitals and wait for the next run (inside
+        `hosts.reusing()`), or end (see hosts.release)."""
+        hosts.release(self.hosts, self.reusable)
+
+    def process(self, name: str) -> ray.actor.ActorHandle:
+        """The actor (worker process) that holds hospital `name`."""
+        return self.actors[name].host
 
     def _reachable(self, names: list[str], wait_s: float) -> tuple[list[str], list[Failure]]:
         """Hospitals that answer a ping (all pinged at once); one that Ray is still restarting
@@ -488,8 +519,9 @@ class CoordinatorActor:
 
     where = "actor"
 
-    def __init__(self, handle: ray.actor.ActorHandle) -> None:
+    def __init__(self, handle: ray.actor.ActorHandle, pool: RayPool) -> None:
         self.handle = handle
+        self.pool = pool
 
     def start_round(self) -> int:
         return call(self.handle.start_round)
@@ -508,6 +540,7 @@ class CoordinatorActor:
 
     def close(self) -> None:
         ray.kill(self.handle)
+        self.pool.close()
 
 
 class DriverCoordinator:
@@ -538,7 +571,7 @@ class DriverCoordinator:
     def close(self) -> None:
         import torch
 
-        self.host.pool.kill()
+        self.host.pool.close()
         torch.set_num_threads(self.threads_before)  # the coordinator set the driver's
 
 
@@ -596,7 +629,7 @@ def launch_coordinator(config: ExperimentConfig, run_dir: Path, shards: ShardSet
         return DriverCoordinator(host, before)
     remote = ray.remote(CoordinatorHost).options(max_restarts=0, **options)
     return CoordinatorActor(remote.remote(config, str(run_dir), shard_root, pool, resume,
-                                          threads, time.time()))
+                                          threads, time.time()), pool)
 
 
 def evaluate_at_sites(config: ExperimentConfig, weights: dict, split: str = "test",
@@ -620,7 +653,7 @@ def evaluate_at_sites(config: ExperimentConfig, weights: dict, split: str = "tes
             pool.wait_ready()
             stats = {h: st for h, st in pool.evaluate(OrderedDict(weights), split).items() if st}
         finally:
-            pool.kill()
+            pool.close()
     out = {h: metrics_from_stats(st, list(CLASSES)) for h, st in sorted(stats.items())}
     if stats:
         out["pooled"] = metrics_from_stats(add_stats(list(stats.values())), list(CLASSES))

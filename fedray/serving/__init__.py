@@ -133,6 +133,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         else:
             auth_token(serve_args)  # replicas inherit this environment: fail before Ray starts
             ray.init(include_dashboard=False, configure_logging=False)
+    from fedray.federation import hosts
+
+    hosts.forget_idle()  # the replicas need the CPUs that idle hospital hosts of this driver hold
     before = serve.status()
     serve_was_running = bool(before.proxies or before.applications)
     # Serve's proxy ends a request after its own request_timeout_s (408): a backstop a little

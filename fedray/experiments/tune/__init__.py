@@ -154,10 +154,11 @@ def run_sweep(sweep: Sweep, *, output_dir: str | Path | None = None, verbose: in
     """Run every trial of the sweep on the connected (or a new local) Ray; write the table."""
     from ray import tune
 
-    from fedray.federation import runtime
+    from fedray.federation import hosts, runtime
 
     storage = resolve_storage(output_dir if output_dir is not None else sweep.config.storage)
     runtime.init_ray(sweep.base.runtime)
+    hosts.forget_idle()  # the trials' placement groups need the CPUs idle hosts hold
     bundles, nodes = trial_resources(sweep.base), runtime.live_nodes()
     problem = unplaceable_trial(bundles, nodes)
     if problem:
@@ -198,11 +199,12 @@ def resume_sweep(folder: str | Path, *, verbose: int = 1,
     ones continue (each from its run folder's last completed round)."""
     from ray import tune
 
-    from fedray.federation import runtime
+    from fedray.federation import hosts, runtime
 
     folder = resolve_storage(folder)
     sweep = load_saved(folder)
     runtime.init_ray(sweep.base.runtime)
+    hosts.forget_idle()  # the trials' placement groups need the CPUs idle hosts hold
     if not tune.Tuner.can_restore(folder):
         raise SweepError(f"{folder}: no Tune experiment state to resume")
     shard_root = _shared_shards(sweep, folder, log)
