@@ -199,6 +199,9 @@ def main() -> None:
         if not sep or not key:
             parser.error(f"--env takes KEY=VALUE, got {pair!r}")
         os.environ[key] = value
+    from fedray.serving import use_fast_path
+
+    environment = use_fast_path()  # `fedray serve`'s default; an --env above overrides it
 
     import ray
     from ray import serve
@@ -248,6 +251,7 @@ def main() -> None:
                   "size", "clients", "seconds", "max_batch_size", "batch_wait_timeout_s",
                   "latency_requests", "images_per_request", "access_log", "env")},
               "command": "python benchmarks/serve.py " + " ".join(sys.argv[1:]),
+              "serve_environment": environment,
               "cpus": cpus, "machine": platform.machine(), "torch": torch.__version__}
     if args.note:
         result["note"] = args.note

@@ -95,15 +95,6 @@ def test_a_host_serves_the_next_run_only_inside_reusing(ray_session, tmp_path: P
     config = tiny_config(tmp_path)
     shards = build_shards(synth_table, config.data, 2, config.seed, tmp_path / "data")
     hosts.forget_idle()
-    with monkeypatch.context() as outside:
-        outside.setattr(hosts, "_SCOPES", [0])  # the suite's own reusing() scope set aside
-        first = _pool(config, shards, tmp_path / "r1")
-        first.close()  # outside reusing(): the processes end
-        assert hosts._IDLE == {}
-        for name in first.names:
-            with pytest.raises(RayActorError):
-                ray_session.get(first.actors[name].info.remote(), timeout=60)
-
     with hosts.reusing():
         one = _pool(config, shards, tmp_path / "r3")
         pids = {i["pid"] for i in one.info.values()}
@@ -121,9 +112,14 @@ def test_a_host_serves_the_next_run_only_inside_reusing(ray_session, tmp_path: P
         wide = tiny_config(tmp_path, **{"runtime.hospital_num_cpus": 2})
         three = _pool(wide, shards, tmp_path / "r5")
         assert not pids & {i["pid"] for i in three.info.values()}
-        three.close()
-        hosts.forget_idle()
-    assert hosts._IDLE == {}
+        assert not any(hosts._IDLE.values())
+    with monkeypatch.context() as outside:
+        outside.setattr(hosts, "_SCOPES", [0])  # the suite's own reusing() scope set aside
+        three.close()  # outside reusing(): the processes end
+        assert not any(hosts._IDLE.values())
+        for name in three.names:
+            with pytest.raises(RayActorError):
+                ray_session.get(three.actors[name].info.remote(), timeout=60)
 
 
 @pytest.mark.ray
@@ -155,3 +151,42 @@ def test_runs_with_injected_faults_or_in_a_trial_keep_no_host() -> None:
                                 'point: before_fit, round: 1, action: hang}]'])
     assert not runtime.keeps_hosts(faulty, None)
     assert not runtime.keeps_hosts(plain, object())  # inside a Tune trial's placement group
+
+
+def test_planned_names_are_the_simulated_sites_names() -> None:
+    from fedray.data import partition
+    from fedray.federation import placement
+
+    for count in (3, 26, 30):
+        config = load_config(None, [f"federation.hospitals={count}"])
+        assert placement.hospital_names(config) == partition.hospital_names(count)
+    assert placement.hospital_names(load_config(None, []), ["b", "a"]) == ["a", "b"]
+
+
+@pytest.mark.ray
+def test_a_run_takes_the_processes_started_for_it(ray_session, tmp_path: Path,
+                                                  synth_table) -> None:
+    """experiment.run starts its hospitals' processes before it reads its data; the pool then
+    takes exactly those, and a process started for another plan is killed, not leaked."""
+    from fedray.federation import placement
+
+    config = tiny_config(tmp_path)
+    shards = build_shards(synth_table, config.data, 2, config.seed, tmp_path / "data")
+    hosts.forget_idle()
+    plan = placement.plan_hosts(config, placement.hospital_names(config, list(shards.hospitals)))
+    assert plan.names == ["hospital_a", "hospital_b"] and len(plan.options) == 2
+    hosts.prestart(plan.options, plan.reusable)
+    started = [h._actor_id for h, _ in hosts._PRESTARTED]
+    pool = _pool(config, shards, tmp_path / "run")
+    try:
+        assert [pool.process(n)._actor_id for n in pool.names] == started
+        assert hosts._PRESTARTED == []
+    finally:
+        pool.kill()
+    other = tiny_config(tmp_path, **{"runtime.hospital_num_cpus": 2})
+    hosts.prestart(placement.plan_hosts(other, plan.names[:1]).options, True)
+    stray = [h for h, _ in hosts._PRESTARTED]
+    hosts.forget_idle()
+    for host in stray:
+        with pytest.raises(RayActorError):
+            ray_session.get(host.release.remote([]), timeout=60)

@@ -10,14 +10,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedray.artifacts import atomic
 from fedray.artifacts import run_folder as rf
 from fedray.config import ConfigError, ExperimentConfig, load_config
 from fedray.data.labels import CLASSES
-from fedray.data.pipeline import build_shards, counts_table, load_source
-from fedray.data.shards import ShardSet
 from fedray.metrics import format_table
+
+if TYPE_CHECKING:  # torch, scikit-learn: imported once the hospitals' processes are starting
+    from fedray.data.shards import ShardSet
 
 # Where a run given shards made elsewhere (a sweep's, cross-validation's) records their counts;
 # a run that makes its own keeps them in data/shards.json.
@@ -58,6 +60,9 @@ def prepare_data(config: ExperimentConfig, run_dir: Path,
                  log: Callable[[str], None]) -> ShardSet | None:
     """The run's shards; None in site mode, where each hospital reads its own folder and the
     driver opens no image."""
+    from fedray.data.pipeline import build_shards, counts_table, load_source
+    from fedray.data.shards import ShardSet
+
     if config.data.source == "sites":
         log(f"data: {len(config.data.sites)} sites; each hospital reads, splits and evaluates "
             "on its own folder")
@@ -85,6 +90,7 @@ def simulate_sites(config: ExperimentConfig, run_dir: Path,
     its site folders in place."""
     from fedray.config import SiteConfig
     from fedray.data import partition, sites
+    from fedray.data.pipeline import load_source
 
     root = run_dir / SIMULATED_SITES
     names = partition.hospital_names(config.federation.hospitals)
@@ -193,24 +199,38 @@ def run(config: ExperimentConfig, *, output_dir: Path | None = None, resume: Pat
     sweeps); the run folder records their counts.
     `on_start` learns the run folder before the first round (a sweep's trial reports it).
     """
-    from fedray.federation import runtime
+    from fedray.federation import hosts, placement
 
     start = time.perf_counter()
     run_dir = Path(resume).resolve() if resume else new_run_dir(config, output_dir)
     atomic.write_text(run_dir / rf.CONFIG, config.to_yaml())  # a failed start can resume
-    if shards is None and config.data.source != "sites":
-        config = simulate_sites(config, run_dir, log)
-        atomic.write_text(run_dir / rf.CONFIG, config.to_yaml())
-    log(f"run folder: {run_dir}")
-    if on_start:
-        on_start(run_dir)
-    data_start = time.perf_counter()
-    if shards is None:
-        shards = prepare_data(config, run_dir, log)
-    else:
-        record_shards(shards, run_dir)
+    # Ray, then the hospitals' processes first: they start and import torch while this
+    # process imports its own and reads the data
     ray_start = time.perf_counter()
-    runtime.init_ray(config.runtime)
+    placement.init_ray(config.runtime)
+    ray_s = time.perf_counter() - ray_start
+    plan = placement.plan_hosts(config, placement.hospital_names(
+        config, list(shards.hospitals) if shards is not None else None))
+    if plan.group is None:  # a Tune trial's processes start in its placement group, later
+        hosts.prestart(plan.options, plan.reusable)
+    from fedray.federation import runtime
+
+    try:
+        if shards is None and config.data.source != "sites":
+            config = simulate_sites(config, run_dir, log)
+            atomic.write_text(run_dir / rf.CONFIG, config.to_yaml())
+        log(f"run folder: {run_dir}")
+        if on_start:
+            on_start(run_dir)
+        data_start = time.perf_counter()
+        if shards is None:
+            shards = prepare_data(config, run_dir, log)
+        else:
+            record_shards(shards, run_dir)
+        data_s = time.perf_counter() - data_start
+    except BaseException:
+        hosts.forget_idle()  # the processes started for this run, which will not launch
+        raise
     launched = time.perf_counter()
     coordinator = runtime.launch_coordinator(config, run_dir, shards, resume=resume is not None)
     try:
@@ -219,7 +239,7 @@ def run(config: ExperimentConfig, *, output_dir: Path | None = None, resume: Pat
         startup = {
             "to_first_round_s": time.perf_counter() - start,
             "process_to_first_round_s": time.time() - process if process else None,
-            "data_s": ray_start - data_start, "ray_s": launched - ray_start,
+            "data_s": data_s, "ray_s": ray_s,
             "launch_to_first_round_s": time.perf_counter() - launched,
             "coordinator_in": coordinator.where, **coordinator.startup()}
         atomic.write_json(run_dir / STARTUP, startup)

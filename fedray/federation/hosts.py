@@ -28,11 +28,14 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import ray
 
 from fedray.config import ExperimentConfig
-from fedray.federation.client import HospitalClient
+
+if TYPE_CHECKING:
+    from fedray.federation.client import HospitalClient
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,13 @@ class HospitalHost:
     """One worker process holding the hospitals it is asked for, by spec."""
 
     def __init__(self) -> None:
+        # imported here, not at the top: a host starts importing torch (and scikit-learn's
+        # splitters, for a site's own split) the moment it starts, while the driver, which
+        # only plans hosts, imports none of it for them
+        from fedray.data import sites  # noqa: F401
+        from fedray.federation.client import HospitalClient
+
+        self.client_class = HospitalClient
         self.clients: dict[str, HospitalClient] = {}
         self.started: dict[str, dict[str, float | None]] = {}
         self.process_start = process_started()
@@ -70,7 +80,7 @@ class HospitalHost:
         client = self.clients.get(spec.key)
         if client is None:
             begun = time.time()
-            client = HospitalClient(spec.name, spec.shard_path, spec.config, spec.state_dir,
+            client = self.client_class(spec.name, spec.shard_path, spec.config, spec.state_dir,
                                     spec.threads)
             self.clients[spec.key] = client
             self.started[spec.key] = {"process_start": self.process_start, "init_start": begun,
@@ -134,6 +144,8 @@ class _Method:
 # Hosts left by finished runs of this driver, by what they were started with; see release().
 _IDLE: dict[str, list[tuple[ray.actor.ActorHandle, dict]]] = {}
 _SCOPES = [0]
+# Hosts started for the run this driver is about to launch (`prestart`), taken by its pool.
+_PRESTARTED: list[tuple[ray.actor.ActorHandle, dict]] = []
 
 
 @contextmanager
@@ -159,17 +171,33 @@ def _signature(options: dict) -> str:
 
 
 def acquire(wanted: list[dict], reusable: bool) -> list[tuple[ray.actor.ActorHandle, bool]]:
-    """One host per entry of `wanted` (Ray actor options): an idle host of this driver's
-    started with the same options when `reusable`, else a new one, for which idle hosts are
-    killed until its CPUs are free (`make_room`). Returns each host and whether it was idle."""
+    """One host per entry of `wanted` (Ray actor options): one prestarted for it, or an idle
+    host of this driver's started with the same options when `reusable`, else a new one, for
+    which idle hosts are killed until its CPUs are free (`make_room`). Returns each host and
+    whether it existed already."""
     taken = []
     for options in wanted:
-        idle = _IDLE.get(_signature(options)) if reusable else None
-        taken.append(idle.pop()[0] if idle else None)
+        signature = _signature(options)
+        started = [i for i, (_, o) in enumerate(_PRESTARTED) if _signature(o) == signature]
+        idle = _IDLE.get(signature) if reusable else None
+        if started:
+            taken.append(_PRESTARTED.pop(started[0])[0])
+        else:
+            taken.append(idle.pop()[0] if idle else None)
+    while _PRESTARTED:  # started for a plan this run did not keep to
+        ray.kill(_PRESTARTED.pop()[0], no_restart=True)
     make_room(sum(o.get("num_cpus") or 0.0 for o, host in zip(wanted, taken) if host is None))
     return [(host, True) if host is not None else
             (ray.remote(HospitalHost).options(**options).remote(), False)
             for host, options in zip(taken, wanted)]
+
+
+def prestart(options: list[dict], reusable: bool) -> None:
+    """Start the processes of the run about to launch (one per entry of `options`), or take
+    this driver's idle ones (when `reusable`), so they start and import while the driver
+    still reads its data; the run's pool takes them (`acquire`)."""
+    started = acquire(options, reusable)
+    _PRESTARTED.extend((host, o) for (host, _), o in zip(started, options))
 
 
 def make_room(cpus: float) -> None:
@@ -214,11 +242,11 @@ def release(hosts: list[tuple[ray.actor.ActorHandle, dict, list[str]]], reusable
 
 
 def forget_idle() -> None:
-    """Kill every idle host of this driver."""
-    for hosts in _IDLE.values():
-        for host, _ in hosts:
-            try:
-                ray.kill(host, no_restart=True)
-            except Exception:  # noqa: BLE001 - of a Ray that is already gone
-                pass
+    """Kill every idle (and prestarted, not yet taken) host of this driver."""
+    for host, _ in [h for hs in _IDLE.values() for h in hs] + _PRESTARTED:
+        try:
+            ray.kill(host, no_restart=True)
+        except Exception:  # noqa: BLE001 - of a Ray that is already gone
+            pass
     _IDLE.clear()
+    _PRESTARTED.clear()
