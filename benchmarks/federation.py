@@ -252,7 +252,7 @@ def main() -> None:
         if fed["fedray_data"] == "sites":
             print("fedray divided the same images into site folders and split each at its "
                   "hospital: the same sizes as the peers' shards, not the same rows")
-        print(f"fedray train (local Ray, {args.hospitals} hospital actors): "
+        print(f"fedray train (local Ray, {args.hospitals} hospitals): "
               f"{fed['fedray_s']:.1f}s; first round after {fed['fedray_to_first_round_s']:.1f}s; "
               f"rounds {fed['fedray_rounds_s']:.1f}s; exit {fed['fedray_after_outputs_s']:.1f}s "
               "after its last line")
