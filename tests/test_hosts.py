@@ -154,13 +154,14 @@ def test_runs_with_injected_faults_or_in_a_trial_keep_no_host() -> None:
 
 
 def test_planned_names_are_the_simulated_sites_names() -> None:
-    from fedray.data import partition
     from fedray.federation import placement
 
-    for count in (3, 26, 30):
-        config = load_config(None, [f"federation.hospitals={count}"])
-        assert placement.hospital_names(config) == partition.hospital_names(count)
+    assert placement.hospital_names(load_config(None, ["federation.hospitals=3"])) == [
+        "hospital_a", "hospital_b", "hospital_c"]
     assert placement.hospital_names(load_config(None, []), ["b", "a"]) == ["a", "b"]
+    sites = load_config(None, ["federation.hospitals=2", "data.source=sites",
+                               "data.sites.site_b.path=b", "data.sites.site_a.path=a"])
+    assert placement.hospital_names(sites, ["ignored"]) == ["site_a", "site_b"]
 
 
 @pytest.mark.ray

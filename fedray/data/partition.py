@@ -7,7 +7,6 @@ hospital only. Each scheme is a pure function of (labels, units, seed).
 from __future__ import annotations
 
 import numpy as np
-from sklearn.model_selection import StratifiedGroupKFold
 
 
 class PartitionError(ValueError):
@@ -26,6 +25,8 @@ def iid(labels: np.ndarray, units: np.ndarray, hospitals: int, seed: int) -> np.
     if len(np.unique(units)) < hospitals:
         raise PartitionError(f"only {len(np.unique(units))} groups for {hospitals} hospitals")
     owner = np.empty(len(labels), dtype=np.int64)
+    from sklearn.model_selection import StratifiedGroupKFold  # imported here: naming hospitals needs none of it
+
     sgkf = StratifiedGroupKFold(n_splits=hospitals, shuffle=True, random_state=seed)
     for h, (_, idx) in enumerate(sgkf.split(np.zeros(len(labels)), labels, units)):
         owner[idx] = h

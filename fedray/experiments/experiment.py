@@ -229,10 +229,11 @@ def run(config: ExperimentConfig, *, output_dir: Path | None = None, resume: Pat
             record_shards(shards, run_dir)
         data_s = time.perf_counter() - data_start
     except BaseException:
-        hosts.forget_idle()  # the processes started for this run, which will not launch
+        hosts.discard_prestarted()  # the processes started for this run, which will not launch
         raise
     launched = time.perf_counter()
-    coordinator = runtime.launch_coordinator(config, run_dir, shards, resume=resume is not None)
+    coordinator = runtime.launch_coordinator(config, run_dir, shards, resume=resume is not None,
+                                             plan=plan)
     try:
         first = coordinator.start_round()
         process = runtime.process_started()

@@ -23,7 +23,6 @@ it, and for a Tune trial's hosts (in the trial's placement group), a run's hosts
 from __future__ import annotations
 
 import gc
-import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -111,17 +110,15 @@ class HospitalHost:
             self.started.pop(key, None)
         gc.collect()
         self.runs += 1
-        context = ray.get_runtime_context()
-        return {"pid": os.getpid(), "restarted": context.was_current_actor_reconstructed}
+        return {"restarted": ray.get_runtime_context().was_current_actor_reconstructed}
 
 
 class HospitalHandle:
     """One hospital on its host, called as an actor is: `handle.fit.remote(weights, ins)`."""
 
-    def __init__(self, host: ray.actor.ActorHandle, spec: ray.ObjectRef, key: str) -> None:
+    def __init__(self, host: ray.actor.ActorHandle, spec: ray.ObjectRef) -> None:
         self.host = host
         self.spec = spec
-        self.key = key
 
     def __getattr__(self, method: str) -> _Method:
         if method.startswith("__"):
@@ -170,11 +167,10 @@ def _signature(options: dict) -> str:
     return f"{ray.get_runtime_context().get_job_id()} {sorted(options.items())!r}"
 
 
-def acquire(wanted: list[dict], reusable: bool) -> list[tuple[ray.actor.ActorHandle, bool]]:
+def acquire(wanted: list[dict], reusable: bool) -> list[ray.actor.ActorHandle]:
     """One host per entry of `wanted` (Ray actor options): one prestarted for it, or an idle
     host of this driver's started with the same options when `reusable`, else a new one, for
-    which idle hosts are killed until its CPUs are free (`make_room`). Returns each host and
-    whether it existed already."""
+    which idle hosts are killed until its CPUs are free (`make_room`)."""
     taken = []
     for options in wanted:
         signature = _signature(options)
@@ -184,11 +180,9 @@ def acquire(wanted: list[dict], reusable: bool) -> list[tuple[ray.actor.ActorHan
             taken.append(_PRESTARTED.pop(started[0])[0])
         else:
             taken.append(idle.pop()[0] if idle else None)
-    while _PRESTARTED:  # started for a plan this run did not keep to
-        ray.kill(_PRESTARTED.pop()[0], no_restart=True)
+    discard_prestarted()  # started for a plan this run did not keep to
     make_room(sum(o.get("num_cpus") or 0.0 for o, host in zip(wanted, taken) if host is None))
-    return [(host, True) if host is not None else
-            (ray.remote(HospitalHost).options(**options).remote(), False)
+    return [host if host is not None else ray.remote(HospitalHost).options(**options).remote()
             for host, options in zip(taken, wanted)]
 
 
@@ -196,8 +190,13 @@ def prestart(options: list[dict], reusable: bool) -> None:
     """Start the processes of the run about to launch (one per entry of `options`), or take
     this driver's idle ones (when `reusable`), so they start and import while the driver
     still reads its data; the run's pool takes them (`acquire`)."""
-    started = acquire(options, reusable)
-    _PRESTARTED.extend((host, o) for (host, _), o in zip(started, options))
+    _PRESTARTED.extend(zip(acquire(options, reusable), options))
+
+
+def discard_prestarted() -> None:
+    """Kill the hosts started for a run that will not launch (its start failed)."""
+    while _PRESTARTED:
+        ray.kill(_PRESTARTED.pop()[0], no_restart=True)
 
 
 def make_room(cpus: float) -> None:

@@ -257,16 +257,14 @@ class HostPlan:
 
 def hospital_names(config: ExperimentConfig, shard_names: list[str] | None = None) -> list[str]:
     """The run's hospitals: its sites, its shards' hospitals, or the names a pooled source's
-    simulated sites get (fedray.data.partition.hospital_names)."""
+    simulated sites get."""
+    from fedray.data import partition  # numpy only at import
+
     if config.data.source == "sites":
         return sorted(config.data.sites)
     if shard_names is not None:
         return sorted(shard_names)
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    count = config.federation.hospitals
-    if count <= len(letters):
-        return [f"hospital_{letters[i]}" for i in range(count)]
-    return [f"hospital_{i:03d}" for i in range(count)]
+    return partition.hospital_names(config.federation.hospitals)
 
 
 def plan_hosts(config: ExperimentConfig, names: list[str]) -> HostPlan:

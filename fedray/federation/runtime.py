@@ -61,16 +61,19 @@ class RayPool:
     their models while the coordinator starts; `wait_ready` (called by the coordinator) does.
     """
 
-    def __init__(self, config: ExperimentConfig, shards: ShardSet | None, run_dir: Path) -> None:
+    def __init__(self, config: ExperimentConfig, shards: ShardSet | None, run_dir: Path,
+                 plan: HostPlan | None = None) -> None:
         rt = config.runtime
         sites = config.data.source == "sites"
-        plan = plan_hosts(config, hospital_names(config, None if sites else list(shards.hospitals)))
+        if plan is None:  # experiment.run plans once, before it starts the processes
+            plan = plan_hosts(config, hospital_names(
+                config, None if sites else list(shards.hospitals)))
         self.names, self.placements, self.reusable = plan.names, plan.placements, plan.reusable
         groups, wanted = plan.groups, plan.options
         self.launched = time.time()
         self.hosts: list[tuple[ray.actor.ActorHandle, dict, list[str]]] = []
         self.actors: dict[str, HospitalHandle] = {}
-        for (placement, members), options, (host, _) in zip(
+        for (placement, members), options, host in zip(
                 groups, wanted, hosts.acquire(wanted, self.reusable)):
             keys = []
             for name in members:
@@ -81,7 +84,7 @@ class RayPool:
                     threads=placement.threads)
                 ref = ray.put(spec)
                 host.open.remote(ref)  # loads while the coordinator builds
-                self.actors[name] = HospitalHandle(host, ref, spec.key)
+                self.actors[name] = HospitalHandle(host, ref)
                 keys.append(spec.key)
             self.hosts.append((host, options, keys))
         self.info: dict[str, dict] = {}
@@ -360,7 +363,8 @@ def coordinator_in_driver(rt: RuntimeConfig) -> bool:
 
 
 def launch_coordinator(config: ExperimentConfig, run_dir: Path, shards: ShardSet | None,
-                       resume: bool = False) -> CoordinatorActor | DriverCoordinator:
+                       resume: bool = False, plan: HostPlan | None = None
+                       ) -> CoordinatorActor | DriverCoordinator:
     """The hospital actors and the coordinator, all starting at once.
 
     A local run keeps the coordinator in the driver (`coordinator_in_driver`), which builds it
@@ -370,7 +374,7 @@ def launch_coordinator(config: ExperimentConfig, run_dir: Path, shards: ShardSet
     cluster's.
     """
     rt = config.runtime
-    pool = RayPool(config, shards, run_dir)
+    pool = RayPool(config, shards, run_dir, plan)
     group = get_current_placement_group()
     if group is not None:
         bundles = group.bundle_specs
