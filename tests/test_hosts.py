@@ -135,6 +135,12 @@ def test_a_restarted_host_is_not_handed_on(ray_session, tmp_path: Path, synth_ta
         victim = clean.process("hospital_b")
         before = ray_session.get(clean.actors["hospital_b"].info.remote())["pid"]
         ray_session.kill(victim, no_restart=False)  # a crash Ray restarts
+        import psutil  # Ray's vendored copy, on the path once ray is imported
+
+        try:  # gone, so that no ping reaches the old process
+            psutil.Process(before).wait(timeout=60)
+        except psutil.NoSuchProcess:
+            pass
         alive, failures = clean._reachable(["hospital_b"], 60)  # waits out the restart
         assert alive == ["hospital_b"] and not failures
         after = ray_session.get(clean.actors["hospital_b"].info.remote())
