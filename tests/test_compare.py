@@ -96,14 +96,13 @@ def test_site_compare_arms_over_seeds(ray_session, site_dirs, tmp_path: Path) ->
             "federation.rounds=1", "federation.min_clients=1", "runtime.hospital_num_cpus=1",
             "training.batch_size=16"]
     sets += [f"data.sites.{name}.path={path}" for name, path in site_dirs.items()]
-    args = ["compare", "--strategies", "fedavg", "fedbn", "--centralized", "--local-only",
-            "--seeds", "2", "--output-dir", str(tmp_path / "cmp")]
+    args = ["compare", "--strategies", "fedavg", "fedbn", "--local-only", "--seeds", "2", "--output-dir", str(tmp_path / "cmp")]
     for s in sets:
         args += ["--set", s]
     assert cli_main(args) == 0
     folder = next((tmp_path / "cmp").iterdir())
     comparison = json.loads((folder / "comparison.json").read_text())
-    assert list(comparison["arms"]) == ["fedavg", "fedbn", "centralized", "local-only"]
+    assert list(comparison["arms"]) == ["fedavg", "fedbn", "local-only"]
     assert comparison["privacy_total"] is None  # no DP arm: nothing spent
     assert comparison["failed"] == {}
     assert comparison["interval"].startswith("95% percentile bootstrap over seeds and test")
@@ -132,12 +131,6 @@ def test_site_compare_arms_over_seeds(ray_session, site_dirs, tmp_path: Path) ->
             assert json.loads((run / "data" / "sites.json").read_text())["sites"].keys() == {h}
             assert {"site_a", "site_b", "pooled"} <= set(json.loads(
                 (run / "at_sites.json").read_text()))
-    # the pooled baseline scored each site's local test split, the one the federation used
-    central = json.loads((folder / "runs" / "centralized" / "s0" / "metrics.json").read_text())
-    fed = json.loads(next((folder / "runs" / "fedavg").glob("*-s0-*/metrics.json")).read_text())
-    for h in ("site_a", "site_b"):
-        assert (sum(map(sum, central["sites"][h]["test"]["confusion_matrix"]))
-                == sum(map(sum, fed["sites"][h]["test"]["confusion_matrix"])))
     for arm in comparison["arms"].values():
         assert arm["test_balanced_accuracy"]["interval"] == "bootstrap"
         assert arm["worst_site_balanced_accuracy"]["interval"] == "bootstrap"
@@ -164,17 +157,28 @@ def test_site_compare_arms_over_seeds(ray_session, site_dirs, tmp_path: Path) ->
 
 @pytest.mark.ray
 def test_non_site_config_is_divided_into_sites(ray_session, tmp_path: Path) -> None:
+    """A pooled source is divided into site folders first; the pooled baseline (Ray Train,
+    two data-parallel workers) then scores each site's local test split, the federation's."""
     sets = ["name=tiny", "data.synth.n=160", "data.synth.size=32",
             "data.synth.patients_per_class=6", "data.image_size=32",
             "data.partition.min_per_hospital=10", "federation.hospitals=2", "federation.rounds=1",
             "federation.min_clients=1", "runtime.hospital_num_cpus=1"]
-    args = ["compare", "--strategies", "fedavg", "--output-dir", str(tmp_path / "cmp")]
+    args = ["compare", "--strategies", "fedavg", "--centralized", "--workers", "2",
+            "--output-dir", str(tmp_path / "cmp")]
     for s in sets:
         args += ["--set", s]
     assert cli_main(args) == 0
     folder = next((tmp_path / "cmp").iterdir())
     comparison = json.loads((folder / "comparison.json").read_text())
-    assert list(comparison["arms"]) == ["fedavg"]
-    assert comparison["arms"]["fedavg"]["test_balanced_accuracy"]["single_seed"]
-    assert sorted(p.name for p in (folder / "sites").iterdir()) == comparison["budget"]["sites"]
-    assert len(comparison["budget"]["sites"]) == 2
+    assert list(comparison["arms"]) == ["fedavg", "centralized"] and comparison["failed"] == {}
+    for arm in comparison["arms"].values():
+        assert arm["test_balanced_accuracy"]["single_seed"]
+    sites = comparison["budget"]["sites"]
+    assert sorted(p.name for p in (folder / "sites").iterdir()) == sites and len(sites) == 2
+    central = json.loads((folder / "runs" / "centralized" / "s0" / "metrics.json").read_text())
+    fed = json.loads(next((folder / "runs" / "fedavg").glob("*-s0-*/metrics.json")).read_text())
+    assert set(central["sites"]) == set(fed["sites"]) == set(sites)
+    for h in sites:
+        assert (sum(map(sum, central["sites"][h]["test"]["confusion_matrix"]))
+                == sum(map(sum, fed["sites"][h]["test"]["confusion_matrix"])) > 0)
+    assert central["worst_site"]["hospital"] in sites

@@ -107,6 +107,20 @@ def test_a_host_serves_the_next_run_only_inside_reusing(ray_session, tmp_path: P
         record = Coordinator(config, tmp_path / "r4", two, shards, num_threads=1).run_round()
         assert record["completed"] == ["hospital_a", "hospital_b"]
         two.close()
+        # a run with injected faults takes an idle process, but does not hand it on: a fault
+        # may leave it hung
+        # (both hospitals in one process of the same shape: it takes one of the two)
+        faulty = tiny_config(tmp_path, **{
+            "runtime.hospital_num_cpus": 0.5, "runtime.hospitals_per_process": 2,
+            "runtime.fault_injection": "[{process: hospital_a, point: before_fit, round: 1, "
+                                       "action: hang}]"})
+        hurt = _pool(faulty, shards, tmp_path / "rf")
+        (taken,) = {i["pid"] for i in hurt.info.values()}
+        assert taken in pids and not hurt.reusable
+        hurt.close()
+        assert len([h for hs in hosts._IDLE.values() for h in hs]) == 1
+        with pytest.raises(RayActorError):
+            ray_session.get(hurt.actors["hospital_a"].info.remote(), timeout=60)
         # other resources, all 4 CPUs: idle hosts are killed first, so the new ones find the
         # CPUs free
         wide = tiny_config(tmp_path, **{"runtime.hospital_num_cpus": 2})
@@ -182,7 +196,7 @@ def test_a_run_takes_the_processes_started_for_it(ray_session, tmp_path: Path,
     hosts.forget_idle()
     plan = placement.plan_hosts(config, placement.hospital_names(config, list(shards.hospitals)))
     assert plan.names == ["hospital_a", "hospital_b"] and len(plan.options) == 2
-    hosts.prestart(plan.options, plan.reusable)
+    hosts.prestart(plan.options, plan.takes_idle)
     started = [h._actor_id for h, _ in hosts._PRESTARTED]
     pool = _pool(config, shards, tmp_path / "run")
     try:

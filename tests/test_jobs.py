@@ -439,21 +439,3 @@ def test_export_job_packages_a_tiny_run(shard_dir, tmp_path, monkeypatch):
     assert _run_job("export", [str(run_dir), "--output", str(tmp_path / "pkg")], monkeypatch) == 0
     card = verify_package(tmp_path / "pkg")
     assert card["source_run"] == "run" and "model.ts" in card["files"]
-
-
-@pytest.mark.ray
-def test_tune_job_runs_a_one_trial_sweep(ray_session, tmp_path, monkeypatch):
-    import yaml
-    from conftest import tiny_config
-
-    base = tiny_config(tmp_path, **{"runtime.hospital_num_cpus": 0.5})
-    (tmp_path / "base.yaml").write_text(base.to_yaml())
-    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump({
-        "name": "job", "base": "base.yaml", "space": {"training.lr": {"grid": [0.003]}},
-        "asha": {"enabled": False}}))
-    args = ["--config", str(tmp_path / "sweep.yaml"), "--output-dir", str(tmp_path / "sweeps")]
-    assert _run_job("tune", args, monkeypatch) == 0
-    (folder,) = (tmp_path / "sweeps").iterdir()
-    best = json.loads((folder / "best.json").read_text())
-    assert best["status"] == "completed"
-    assert (Path(best["run_dir"]) / "model.safetensors").is_file()

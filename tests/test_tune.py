@@ -367,11 +367,14 @@ def test_the_best_trials_package_counts_the_sweeps_shards(asha_sweep, tmp_path) 
 @pytest.mark.ray
 @pytest.mark.slow
 def test_on_remote_storage_run_folders_are_uploaded_and_exported_by_uri(
-        ray_session, tmp_path) -> None:
-    """Storage given as a URI (file:// here, s3:// on a cluster): each trial runs in its
-    working directory, which Tune uploads, so the run folders it reports (best.json's too)
-    are URIs into the storage; `fedray export` takes the sweep's URI; a trial resumed on a
-    fresh working directory fetches its run folder back."""
+        ray_session, tmp_path, monkeypatch) -> None:
+    """Storage given as a URI (file:// here, s3:// on a cluster), the sweep started as a Ray
+    job starts it (`python jobs/tune.py`): each trial runs in its working directory, which
+    Tune uploads, so the run folders it reports (best.json's too) are URIs into the storage;
+    `fedray export` takes the sweep's URI; a trial resumed on a fresh working directory
+    fetches its run folder back."""
+    import runpy
+
     from fedray.artifacts.package import verify_package
 
     _write_base(tmp_path)
@@ -379,17 +382,23 @@ def test_on_remote_storage_run_folders_are_uploaded_and_exported_by_uri(
         "name": "remote", "base": "base.yaml", "space": {"training.lr": {"grid": [0.003]}},
         "asha": {"enabled": False}}))
     storage = f"file://{tmp_path / 'bucket'}"
-    result = sweeps.run_sweep(sweeps.load_sweep(tmp_path / "sweep.yaml"), output_dir=storage,
-                              verbose=0, log=lambda _: None)
-    assert result.folder.startswith(f"{storage}/remote-")
-    best = json.loads(Path(result.folder.removeprefix("file://"), "best.json").read_text())
-    uploaded = f"{result.folder}/trial_{best['trial_id']}"
+    job = Path(__file__).resolve().parents[1] / "jobs" / "tune.py"
+    monkeypatch.setattr("sys.argv", [str(job), "--config", str(tmp_path / "sweep.yaml"),
+                                     "--output-dir", storage])
+    with pytest.raises(SystemExit) as exit_status:
+        runpy.run_path(str(job), run_name="__main__")
+    assert exit_status.value.code == 0
+    (local,) = (tmp_path / "bucket").iterdir()
+    folder = f"{storage}/{local.name}"
+    assert local.name.startswith("remote-")
+    best = json.loads((local / "best.json").read_text())
+    uploaded = f"{folder}/trial_{best['trial_id']}"
     assert best["status"] == "completed" and best["run_dir"].startswith(uploaded + "/")
     run = Path(best["run_dir"].removeprefix("file://"))
     assert (run / "model.safetensors").is_file()
     assert (run / "data" / "sites.json").is_file()  # the trial's own sites, uploaded with it
     assert (run / "sites" / "hospital_a").is_dir()
-    assert cli.main(["export", result.folder, "--output", str(tmp_path / "pkg")]) == 0
+    assert cli.main(["export", folder, "--output", str(tmp_path / "pkg")]) == 0
     card = verify_package(tmp_path / "pkg")
     assert card["source_run"] == run.name and any(k.startswith("hospital_a") for k in card["data"])
     workdir = tmp_path / "workdir"
@@ -397,7 +406,7 @@ def test_on_remote_storage_run_folders_are_uploaded_and_exported_by_uri(
     fetched = sweeps.fetch_last_run(uploaded, workdir)
     assert fetched == workdir / run.name
     assert (fetched / "metrics.jsonl").read_bytes() == (run / "metrics.jsonl").read_bytes()
-    assert sweeps.fetch_last_run(f"{result.folder}/trial_none", workdir) is None
+    assert sweeps.fetch_last_run(f"{folder}/trial_none", workdir) is None
 
 
 @pytest.mark.ray

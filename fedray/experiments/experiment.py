@@ -212,7 +212,7 @@ def run(config: ExperimentConfig, *, output_dir: Path | None = None, resume: Pat
     plan = placement.plan_hosts(config, placement.hospital_names(
         config, list(shards.hospitals) if shards is not None else None))
     if plan.group is None:  # a Tune trial's processes start in its placement group, later
-        hosts.prestart(plan.options, plan.reusable)
+        hosts.prestart(plan.options, plan.takes_idle)
     from fedray.federation import runtime
 
     try:

@@ -167,15 +167,15 @@ def _signature(options: dict) -> str:
     return f"{ray.get_runtime_context().get_job_id()} {sorted(options.items())!r}"
 
 
-def acquire(wanted: list[dict], reusable: bool) -> list[ray.actor.ActorHandle]:
+def acquire(wanted: list[dict], take_idle: bool) -> list[ray.actor.ActorHandle]:
     """One host per entry of `wanted` (Ray actor options): one prestarted for it, or an idle
-    host of this driver's started with the same options when `reusable`, else a new one, for
+    host of this driver's started with the same options when `take_idle`, else a new one, for
     which idle hosts are killed until its CPUs are free (`make_room`)."""
     taken = []
     for options in wanted:
         signature = _signature(options)
         started = [i for i, (_, o) in enumerate(_PRESTARTED) if _signature(o) == signature]
-        idle = _IDLE.get(signature) if reusable else None
+        idle = _IDLE.get(signature) if take_idle else None
         if started:
             taken.append(_PRESTARTED.pop(started[0])[0])
         else:
@@ -186,11 +186,11 @@ def acquire(wanted: list[dict], reusable: bool) -> list[ray.actor.ActorHandle]:
             for host, options in zip(taken, wanted)]
 
 
-def prestart(options: list[dict], reusable: bool) -> None:
+def prestart(options: list[dict], take_idle: bool) -> None:
     """Start the processes of the run about to launch (one per entry of `options`), or take
-    this driver's idle ones (when `reusable`), so they start and import while the driver
+    this driver's idle ones (when `take_idle`), so they start and import while the driver
     still reads its data; the run's pool takes them (`acquire`)."""
-    _PRESTARTED.extend(zip(acquire(options, reusable), options))
+    _PRESTARTED.extend(zip(acquire(options, take_idle), options))
 
 
 def discard_prestarted() -> None:

@@ -252,6 +252,7 @@ class HostPlan:
     groups: list[tuple[Placement, list[str]]]  # each process's placement and hospitals
     options: list[dict]  # each process's Ray actor options
     reusable: bool  # whether the processes may serve this driver's next run
+    takes_idle: bool  # whether idle processes of this driver's earlier runs may serve this one
     group: PlacementGroup | None
 
 
@@ -285,4 +286,6 @@ def plan_hosts(config: ExperimentConfig, names: list[str]) -> HostPlan:
     groups = host_groups(names, placements, rt, local=local)
     options = [{"max_restarts": rt.max_restarts, "max_task_retries": 0,
                 **placement.options(group)} for placement, _ in groups]
-    return HostPlan(names, placements, groups, options, keeps_hosts(config, group), group)
+    # a run with injected faults takes idle processes (they are killed after it), not a trial
+    return HostPlan(names, placements, groups, options, keeps_hosts(config, group),
+                    group is None, group)

@@ -74,7 +74,7 @@ class RayPool:
         self.hosts: list[tuple[ray.actor.ActorHandle, dict, list[str]]] = []
         self.actors: dict[str, HospitalHandle] = {}
         for (placement, members), options, host in zip(
-                groups, wanted, hosts.acquire(wanted, self.reusable)):
+                groups, wanted, hosts.acquire(wanted, plan.takes_idle)):
             keys = []
             for name in members:
                 spec = HospitalSpec(
