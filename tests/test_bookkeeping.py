@@ -418,7 +418,14 @@ def test_config_accepts_bk() -> None:
 # ---------------------------------------------------------------- a hospital
 
 
-def test_hospital_trained_with_bk_equals_ghost(shard_dir: Path) -> None:
+def test_hospital_trained_with_bk_equals_ghost(shard_dir: Path, monkeypatch) -> None:
+    """Clipping compared with the same noise: bk draws it with Opacus' own optimizer here
+    (its threaded draw is tests/test_dp_noise.py's)."""
+    from opacus.optimizers import DPOptimizerFastGradientClipping
+
+    from fedray.privacy import wrap
+
+    monkeypatch.setattr(wrap, "ThreadedNoiseOptimizer", DPOptimizerFastGradientClipping)
     results = fit_in_grad_sample_modes(shard_dir, ("bk", "ghost"))
     bk, ghost = results["bk"], results["ghost"]
     assert bk.metrics["epsilon"] == pytest.approx(ghost.metrics["epsilon"])

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from opacus import GradSampleModule, PrivacyEngine
 from opacus.data_loader import wrap_collate_with_empty
-from opacus.optimizers import DPOptimizerFastGradientClipping
+from fedray.privacy.noise import ThreadedNoiseOptimizer
 from opacus.validators import ModuleValidator
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
@@ -243,14 +243,15 @@ def _make_bk_private(module: nn.Module, optimizer: torch.optim.Optimizer,
                      settings: PrivacySettings, ledger: PrivacyLedger, loader: DataLoader,
                      noise: torch.Generator) -> tuple[nn.Module, torch.optim.Optimizer]:
     """Book-keeping clipping: one backward leaves the clipped sum in .grad (as the ghost
-    mode's two do), and Opacus' ghost-mode optimizer noises it, averages it and accounts.
+    mode's two do), and Opacus' ghost-mode optimizer noises it (on the CPU by several threads,
+    fedray.privacy.noise), averages it and accounts.
 
     The noise generator is the hospital's (Opacus' cryptographic one in secure mode, which
     is what its engine hands the optimizer then). The divisor is Opacus' for the ghost mode,
     int(records / batches per epoch), so the two modes take the same steps.
     """
     model = BookKeepingModule(module, max_grad_norm=settings.max_grad_norm)
-    dp_optimizer = DPOptimizerFastGradientClipping(
+    dp_optimizer = ThreadedNoiseOptimizer(
         optimizer, noise_multiplier=settings.noise_multiplier,
         max_grad_norm=settings.max_grad_norm,
         expected_batch_size=int(len(loader.dataset) * (1 / len(loader))), loss_reduction="mean",
