@@ -4,7 +4,6 @@ session's Ray: shared hosts train every hospital, a host outlives a run only ins
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest

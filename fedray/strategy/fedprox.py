@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from typing import Any
 
 from fedray.federation.messages import RoundConfig
 from fedray.strategy.fedavg import FedAvg
