@@ -60,6 +60,19 @@ def tiny_config(tmp_path: Path, **overrides: object) -> ExperimentConfig:
     return load_config(None, [f"{k}={v}" for k, v in sets.items()])
 
 
+def run_job_script(command: str, args: list[str], monkeypatch) -> int:
+    """A jobs/ script run as Ray runs it (`python jobs/<command>.py ...`), in this process;
+    returns its exit status."""
+    import runpy
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "jobs" / f"{command}.py"
+    monkeypatch.setattr(sys, "argv", [f"jobs/{command}.py", *args])
+    with pytest.raises(SystemExit) as exc:
+        runpy.run_path(str(script), run_name="__main__")
+    return exc.value.code
+
+
 def fit_in_grad_sample_modes(shard_dir: Path, modes: tuple[str, ...]) -> dict:
     """hospital_a's first DP round (reproducible noise, seed 5) from the same starting weights
     in each grad-sample mode: {mode: FitRes}. Same batches and noise draws in every mode."""

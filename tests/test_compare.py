@@ -96,7 +96,8 @@ def test_site_compare_arms_over_seeds(ray_session, site_dirs, tmp_path: Path) ->
             "federation.rounds=1", "federation.min_clients=1", "runtime.hospital_num_cpus=1",
             "training.batch_size=16"]
     sets += [f"data.sites.{name}.path={path}" for name, path in site_dirs.items()]
-    args = ["compare", "--strategies", "fedavg", "fedbn", "--local-only", "--seeds", "2", "--output-dir", str(tmp_path / "cmp")]
+    args = ["compare", "--strategies", "fedavg", "fedbn", "--local-only", "--seeds", "2",
+            "--output-dir", str(tmp_path / "cmp")]
     for s in sets:
         args += ["--set", s]
     assert cli_main(args) == 0

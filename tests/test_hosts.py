@@ -140,6 +140,8 @@ def test_a_restarted_host_is_not_handed_on(ray_session, tmp_path: Path, synth_ta
     """hospital_b's process is killed and Ray restarts it; the hospital is built again there
     at its next call, and at the run's end that process is killed, not kept, even inside
     reusing(); hospital_a's is kept."""
+    import psutil  # Ray's vendored copy, on the path once ray is imported
+
     config = tiny_config(tmp_path, **{"runtime.max_restarts": 1})
     shards = build_shards(synth_table, config.data, 2, config.seed, tmp_path / "data")
     hosts.forget_idle()
@@ -148,8 +150,6 @@ def test_a_restarted_host_is_not_handed_on(ray_session, tmp_path: Path, synth_ta
         victim = clean.process("hospital_b")
         before = ray_session.get(clean.actors["hospital_b"].info.remote())["pid"]
         ray_session.kill(victim, no_restart=False)  # a crash Ray restarts
-        import psutil  # Ray's vendored copy, on the path once ray is imported
-
         try:  # gone, so that no ping reaches the old process
             psutil.Process(before).wait(timeout=60)
         except psutil.NoSuchProcess:

@@ -415,16 +415,6 @@ def test_job_scripts_forward_to_their_subcommand(command, monkeypatch, capsys):
     assert capsys.readouterr().out.startswith(f"usage: fedray {command}")
 
 
-def _run_job(command: str, args: list[str], monkeypatch) -> int:
-    """A jobs/ script run as Ray runs it (`python jobs/<command>.py ...`), in this process."""
-    import runpy
-
-    monkeypatch.setattr(sys, "argv", [f"jobs/{command}.py", *args])
-    with pytest.raises(SystemExit) as exc:
-        runpy.run_path(str(ROOT / "jobs" / f"{command}.py"), run_name="__main__")
-    return exc.value.code
-
-
 def test_export_job_packages_a_tiny_run(shard_dir, tmp_path, monkeypatch):
     from conftest import local_coordinator
 
@@ -436,6 +426,7 @@ def test_export_job_packages_a_tiny_run(shard_dir, tmp_path, monkeypatch):
     while coordinator.run_round() is not None:
         pass
     coordinator.finish()
-    assert _run_job("export", [str(run_dir), "--output", str(tmp_path / "pkg")], monkeypatch) == 0
+    assert conftest.run_job_script("export", [str(run_dir), "--output", str(tmp_path / "pkg")],
+                                   monkeypatch) == 0
     card = verify_package(tmp_path / "pkg")
     assert card["source_run"] == "run" and "model.ts" in card["files"]

@@ -17,7 +17,7 @@ from fedray.federation import runtime
 from fedray.experiments import tune as sweeps
 from fedray.config import ConfigError
 
-from conftest import tiny_config
+from conftest import run_job_script, tiny_config
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
@@ -373,8 +373,6 @@ def test_on_remote_storage_run_folders_are_uploaded_and_exported_by_uri(
     Tune uploads, so the run folders it reports (best.json's too) are URIs into the storage;
     `fedray export` takes the sweep's URI; a trial resumed on a fresh working directory
     fetches its run folder back."""
-    import runpy
-
     from fedray.artifacts.package import verify_package
 
     _write_base(tmp_path)
@@ -382,12 +380,8 @@ def test_on_remote_storage_run_folders_are_uploaded_and_exported_by_uri(
         "name": "remote", "base": "base.yaml", "space": {"training.lr": {"grid": [0.003]}},
         "asha": {"enabled": False}}))
     storage = f"file://{tmp_path / 'bucket'}"
-    job = Path(__file__).resolve().parents[1] / "jobs" / "tune.py"
-    monkeypatch.setattr("sys.argv", [str(job), "--config", str(tmp_path / "sweep.yaml"),
-                                     "--output-dir", storage])
-    with pytest.raises(SystemExit) as exit_status:
-        runpy.run_path(str(job), run_name="__main__")
-    assert exit_status.value.code == 0
+    assert run_job_script("tune", ["--config", str(tmp_path / "sweep.yaml"),
+                                   "--output-dir", storage], monkeypatch) == 0
     (local,) = (tmp_path / "bucket").iterdir()
     folder = f"{storage}/{local.name}"
     assert local.name.startswith("remote-")

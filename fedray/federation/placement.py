@@ -252,8 +252,14 @@ class HostPlan:
     groups: list[tuple[Placement, list[str]]]  # each process's placement and hospitals
     options: list[dict]  # each process's Ray actor options
     reusable: bool  # whether the processes may serve this driver's next run
-    takes_idle: bool  # whether idle processes of this driver's earlier runs may serve this one
     group: PlacementGroup | None
+
+    @property
+    def takes_idle(self) -> bool:
+        """Whether idle processes of this driver's earlier runs may serve this run: any run
+        outside a Tune trial's placement group, one with injected faults too (it kills them
+        after, as it does not keep them)."""
+        return self.group is None
 
 
 def hospital_names(config: ExperimentConfig, shard_names: list[str] | None = None) -> list[str]:
@@ -286,6 +292,4 @@ def plan_hosts(config: ExperimentConfig, names: list[str]) -> HostPlan:
     groups = host_groups(names, placements, rt, local=local)
     options = [{"max_restarts": rt.max_restarts, "max_task_retries": 0,
                 **placement.options(group)} for placement, _ in groups]
-    # a run with injected faults takes idle processes (they are killed after it), not a trial
-    return HostPlan(names, placements, groups, options, keeps_hosts(config, group),
-                    group is None, group)
+    return HostPlan(names, placements, groups, options, keeps_hosts(config, group), group)

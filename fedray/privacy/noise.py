@@ -31,6 +31,7 @@ class ThreadedNoiseOptimizer(DPOptimizerFastGradientClipping):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._pool: ThreadPoolExecutor | None = None
+        self._pool_size = 0
         self._generators: list[torch.Generator] = []
         self._buffer: torch.Tensor | None = None
 
@@ -67,7 +68,7 @@ class ThreadedNoiseOptimizer(DPOptimizerFastGradientClipping):
 
     def draw(self, numel: int, dtype: torch.dtype, std: float) -> torch.Tensor:
         """`numel` independent N(0, std^2) draws, one chunk per thread."""
-        k = max(1, min(torch.get_num_threads(), numel // 65536 or 1))
+        k = max(1, min(torch.get_num_threads(), numel // 65536))
         if self._buffer is None or self._buffer.numel() != numel or self._buffer.dtype != dtype:
             self._buffer = torch.empty(numel, dtype=dtype)
         while len(self._generators) < k:
@@ -83,7 +84,10 @@ class ThreadedNoiseOptimizer(DPOptimizerFastGradientClipping):
         if k == 1:
             fill(0)
         else:
-            if self._pool is None or self._pool._max_workers < k:
+            if self._pool_size < k:
+                if self._pool is not None:
+                    self._pool.shutdown(wait=False)
                 self._pool = ThreadPoolExecutor(max_workers=k, thread_name_prefix="dp-noise")
+                self._pool_size = k
             list(self._pool.map(fill, range(k)))
         return self._buffer
