@@ -162,7 +162,9 @@ class ModelPackage:
             batch[i] = image
         import torch
 
-        x = torch.from_numpy(batch).permute(0, 3, 1, 2).float().div_(255.0)
+        # NCHW in contiguous memory, as the model was trained on: the permuted NHWC view is
+        # channels_last, which makes every convolution copy its input (2-4x slower per batch).
+        x = torch.from_numpy(batch).permute(0, 3, 1, 2).contiguous().float().div_(255.0)
         mean = torch.tensor(self.mean).view(1, 3, 1, 1)
         std = torch.tensor(self.std).view(1, 3, 1, 1)
         return ((x - mean) / std).to(self.device)
