@@ -6,8 +6,10 @@ refusal, overload (Serve's BackPressureError) or Model failure into a JSON error
 request has a deadline (args.request_timeout_s): past it the Ingress answers 504
 request_timeout and cancels the Model call; Serve's proxy timeout (http_options
 request_timeout_s, which a client's header can change) is only the backstop. Model
-holds a fedray.serving.predictor.Predictor; `@serve.batch` gathers concurrent requests into
-one forward pass, and `reconfigure(user_config)` swaps packages in place.
+holds a fedray.serving.predictor.Predictor; a fedray.serving.batching.Batcher gathers
+concurrent requests into one forward pass, each batch formed when the model is free (Serve's
+`@serve.batch` forms them ahead and ran mostly one-image passes on a busy CPU), and
+`reconfigure(user_config)` swaps packages in place.
 
 On CPU the two can be one deployment, "Service" (args.topology: combined): the Ingress holds a
 Model object in its own replica and calls it in-process, with the same batching, checks and
@@ -57,6 +59,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from fedray import __version__
 from fedray.config import format_validation_error
 from fedray.serving.args import EXPLAIN_METHODS, ServeArgs, auth_token, parse_args
+from fedray.serving.batching import Batcher
 from fedray.serving.images import ACCEPTED_TYPES, Limits, RequestError, Upload, decode_upload
 from fedray.serving.schemas import ErrorBody, Explanation, Health, ModelInfo, Prediction, Ready
 from fedray.serving.uploads import batch_parts, single_upload
@@ -91,11 +94,11 @@ class Model:
         # One thread runs every forward/backward pass: batches never overlap on the model,
         # and captum's Grad-CAM hooks never see another request's forward pass.
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedray-model")
-        self._set_batching(self._args.max_batch_size, self._args.batch_wait_timeout_s)
+        self._batcher = Batcher(self.predict_many, self._args.max_batch_size,
+                                self._args.batch_wait_timeout_s)
 
     def _set_batching(self, max_batch_size: int, batch_wait_timeout_s: float) -> None:
-        self.predict.set_max_batch_size(max_batch_size)
-        self.predict.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self._batcher.configure(max_batch_size, batch_wait_timeout_s)
 
     async def _run(self, fn, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._compute, fn, *args)
@@ -155,9 +158,9 @@ class Model:
         if self._predictor is None:
             await self._load(self._args.package)
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
-    async def predict(self, images: list[np.ndarray]) -> list[dict]:
-        return await self._run(self.predictor.predict, images)
+    async def predict(self, image: np.ndarray) -> dict:
+        """One image's prediction, computed in a batch with concurrent requests' images."""
+        return await self._batcher(image)
 
     async def predict_many(self, images: list[np.ndarray]) -> list[dict]:
         """A request's own batch (/v1/predict/batch): one call and one forward pass, not one

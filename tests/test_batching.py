@@ -1,0 +1,100 @@
+"""fedray.serving.batching.Batcher: batches form when the model is free, callers get their own
+results, a caller that gives up is not computed, a failed batch fails only its callers."""
+
+import asyncio
+
+import pytest
+
+from fedray.serving.batching import Batcher
+
+
+class Model:
+    """A batch function that records each batch and can be held until released."""
+
+    def __init__(self) -> None:
+        self.batches: list[list] = []
+        self.hold: asyncio.Event | None = None
+        self.started = asyncio.Event()
+        self.fail_on: set = set()
+
+    async def __call__(self, items: list) -> list:
+        self.batches.append(list(items))
+        self.started.set()
+        if self.hold is not None:
+            await self.hold.wait()
+        if self.fail_on & set(items):
+            raise RuntimeError("bad batch")
+        return [item * 10 for item in items]
+
+
+def test_concurrent_calls_share_one_batch_and_get_their_own_results():
+    async def scenario():
+        model = Model()
+        batcher = Batcher(model, max_batch_size=4, wait_s=30.0)  # a full queue goes at once
+        results = await asyncio.gather(*(batcher(i) for i in range(6)))
+        return model.batches, results
+
+    batches, results = asyncio.run(scenario())
+    assert results == [0, 10, 20, 30, 40, 50]
+    assert [len(b) for b in batches][0] == 4 and sorted(sum(batches, [])) == list(range(6))
+
+
+def test_the_next_batch_takes_what_queued_while_the_model_was_busy():
+    async def scenario():
+        model = Model()
+        model.hold = asyncio.Event()
+        batcher = Batcher(model, max_batch_size=16, wait_s=0.0)
+        first = asyncio.ensure_future(batcher(0))
+        await model.started.wait()  # the model runs batch [0]
+        later = [asyncio.ensure_future(batcher(i)) for i in range(1, 9)]
+        for _ in range(5):
+            await asyncio.sleep(0)  # let the worker run: it must not form batches meanwhile
+        model.hold.set()
+        return model.batches, await first, await asyncio.gather(*later)
+
+    batches, first, later = asyncio.run(scenario())
+    assert batches == [[0], list(range(1, 9))]  # one batch of 8, not eight of one
+    assert first == 0 and later == [10 * i for i in range(1, 9)]
+
+
+def test_a_caller_that_gives_up_is_not_computed():
+    async def scenario():
+        model = Model()
+        model.hold = asyncio.Event()
+        batcher = Batcher(model, max_batch_size=16, wait_s=0.0)
+        first = asyncio.ensure_future(batcher(0))
+        await model.started.wait()
+        gone = asyncio.ensure_future(batcher(1))
+        kept = asyncio.ensure_future(batcher(2))
+        await asyncio.sleep(0)
+        gone.cancel()
+        model.hold.set()
+        return model.batches, await first, await kept, gone.cancelled()
+
+    batches, first, kept, cancelled = asyncio.run(scenario())
+    assert batches == [[0], [2]] and kept == 20 and cancelled
+
+
+def test_a_failed_batch_fails_its_callers_and_the_next_batch_still_runs():
+    async def scenario():
+        model = Model()
+        model.fail_on = {1}
+        batcher = Batcher(model, max_batch_size=2, wait_s=30.0)
+        outcomes = await asyncio.gather(batcher(0), batcher(1), return_exceptions=True)
+        return outcomes, await batcher(5)
+
+    outcomes, after = asyncio.run(scenario())
+    assert all(isinstance(o, RuntimeError) for o in outcomes) and after == 50
+
+
+def test_configure_applies_to_later_batches_and_refuses_bad_values():
+    async def scenario():
+        model = Model()
+        batcher = Batcher(model, max_batch_size=8, wait_s=30.0)
+        batcher.configure(2, 30.0)
+        await asyncio.gather(*(batcher(i) for i in range(4)))
+        return model.batches
+
+    assert [len(b) for b in asyncio.run(scenario())] == [2, 2]
+    with pytest.raises(ValueError, match="max_batch_size"):
+        Batcher(Model(), max_batch_size=0, wait_s=0.0)
