@@ -39,16 +39,24 @@ def test_concurrent_calls_share_one_batch_and_get_their_own_results():
     assert [len(b) for b in batches][0] == 4 and sorted(sum(batches, [])) == list(range(6))
 
 
+async def _busy() -> tuple[Model, Batcher, asyncio.Future]:
+    """A batcher (no wait) whose model is held running the batch [0]."""
+    model = Model()
+    model.hold = asyncio.Event()
+    batcher = Batcher(model, max_batch_size=16, wait_s=0.0)
+    first = asyncio.ensure_future(batcher(0))
+    await model.started.wait()
+    return model, batcher, first
+
+
 def test_the_next_batch_takes_what_queued_while_the_model_was_busy():
     async def scenario():
-        model = Model()
-        model.hold = asyncio.Event()
-        batcher = Batcher(model, max_batch_size=16, wait_s=0.0)
-        first = asyncio.ensure_future(batcher(0))
-        await model.started.wait()  # the model runs batch [0]
-        later = [asyncio.ensure_future(batcher(i)) for i in range(1, 9)]
-        for _ in range(5):
-            await asyncio.sleep(0)  # let the worker run: it must not form batches meanwhile
+        model, batcher, first = await _busy()
+        later = []
+        for i in range(1, 9):  # one at a time, the loop free in between: a batcher that
+            later.append(asyncio.ensure_future(batcher(i)))  # formed batches ahead would
+            for _ in range(3):  # make eight batches of one here
+                await asyncio.sleep(0)
         model.hold.set()
         return model.batches, await first, await asyncio.gather(*later)
 
@@ -59,11 +67,7 @@ def test_the_next_batch_takes_what_queued_while_the_model_was_busy():
 
 def test_a_caller_that_gives_up_is_not_computed():
     async def scenario():
-        model = Model()
-        model.hold = asyncio.Event()
-        batcher = Batcher(model, max_batch_size=16, wait_s=0.0)
-        first = asyncio.ensure_future(batcher(0))
-        await model.started.wait()
+        model, batcher, first = await _busy()
         gone = asyncio.ensure_future(batcher(1))
         kept = asyncio.ensure_future(batcher(2))
         await asyncio.sleep(0)

@@ -33,8 +33,6 @@ class Batcher:
         self._queue: deque[tuple[Any, asyncio.Future]] = deque()
         self._arrived: asyncio.Event | None = None  # made on the loop that serves calls
         self._worker: asyncio.Task | None = None
-        self.batches = 0  # batches run, and their sizes' sum: the mean batch size served
-        self.batched = 0
 
     def configure(self, max_batch_size: int, wait_s: float) -> None:
         if max_batch_size < 1 or wait_s < 0:
@@ -87,8 +85,6 @@ class Batcher:
                 await self._compute(batch)
 
     async def _compute(self, batch: list[tuple[Any, asyncio.Future]]) -> None:
-        self.batches += 1
-        self.batched += len(batch)
         try:
             results = await self._fn([item for item, _ in batch])
             if len(results) != len(batch):

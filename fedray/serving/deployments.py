@@ -97,9 +97,6 @@ class Model:
         self._batcher = Batcher(self.predict_many, self._args.max_batch_size,
                                 self._args.batch_wait_timeout_s)
 
-    def _set_batching(self, max_batch_size: int, batch_wait_timeout_s: float) -> None:
-        self._batcher.configure(max_batch_size, batch_wait_timeout_s)
-
     async def _run(self, fn, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._compute, fn, *args)
 
@@ -145,7 +142,7 @@ class Model:
             return self._refuse(package, format_validation_error(
                 err, "invalid user_config for Model", known))
         args = self._args
-        self._set_batching(
+        self._batcher.configure(
             args.max_batch_size if config.max_batch_size is None else config.max_batch_size,
             args.batch_wait_timeout_s if config.batch_wait_timeout_s is None
             else config.batch_wait_timeout_s)
