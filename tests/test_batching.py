@@ -30,13 +30,25 @@ class Model:
 def test_concurrent_calls_share_one_batch_and_get_their_own_results():
     async def scenario():
         model = Model()
-        batcher = Batcher(model, max_batch_size=4, wait_s=30.0)  # a full queue goes at once
-        results = await asyncio.gather(*(batcher(i) for i in range(6)))
+        # a full queue goes at once: with a 30 s wait, anything else would hang the test
+        batcher = Batcher(model, max_batch_size=4, wait_s=30.0)
+        results = await asyncio.wait_for(asyncio.gather(*(batcher(i) for i in range(8))), 10)
         return model.batches, results
 
     batches, results = asyncio.run(scenario())
-    assert results == [0, 10, 20, 30, 40, 50]
-    assert [len(b) for b in batches][0] == 4 and sorted(sum(batches, [])) == list(range(6))
+    assert results == [10 * i for i in range(8)]
+    assert batches == [[0, 1, 2, 3], [4, 5, 6, 7]]
+
+
+def test_a_partial_batch_goes_when_its_wait_is_over():
+    async def scenario():
+        model = Model()
+        batcher = Batcher(model, max_batch_size=4, wait_s=0.05)
+        return await asyncio.wait_for(asyncio.gather(*(batcher(i) for i in range(3))), 10), \
+            model.batches
+
+    results, batches = asyncio.run(scenario())
+    assert results == [0, 10, 20] and batches == [[0, 1, 2]]
 
 
 async def _busy() -> tuple[Model, Batcher, asyncio.Future]:
@@ -85,10 +97,10 @@ def test_a_failed_batch_fails_its_callers_and_the_next_batch_still_runs():
         model.fail_on = {1}
         batcher = Batcher(model, max_batch_size=2, wait_s=30.0)
         outcomes = await asyncio.gather(batcher(0), batcher(1), return_exceptions=True)
-        return outcomes, await batcher(5)
+        return outcomes, await asyncio.wait_for(asyncio.gather(batcher(5), batcher(6)), 10)
 
     outcomes, after = asyncio.run(scenario())
-    assert all(isinstance(o, RuntimeError) for o in outcomes) and after == 50
+    assert all(isinstance(o, RuntimeError) for o in outcomes) and after == [50, 60]
 
 
 def test_configure_applies_to_later_batches_and_refuses_bad_values():
@@ -96,7 +108,7 @@ def test_configure_applies_to_later_batches_and_refuses_bad_values():
         model = Model()
         batcher = Batcher(model, max_batch_size=8, wait_s=30.0)
         batcher.configure(2, 30.0)
-        await asyncio.gather(*(batcher(i) for i in range(4)))
+        await asyncio.wait_for(asyncio.gather(*(batcher(i) for i in range(4))), 10)
         return model.batches
 
     assert [len(b) for b in asyncio.run(scenario())] == [2, 2]
