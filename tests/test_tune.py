@@ -259,6 +259,8 @@ def test_hospitals_take_their_own_bundle_of_the_trials_placement_group(
     from fedray.data.shards import ShardSet
 
     config = tiny_config(tmp_path)
+    runtimes = [tiny_config(tmp_path, **o).runtime for o in (
+        {}, {"runtime.coordinator_num_gpus": 0.5}, {"runtime.coordinator": "actor"})]
     group = placement_group([{"CPU": 0.01}, {"CPU": 0.5}, {"CPU": 0.25}])
     ray.get(group.ready(), timeout=60)
 
@@ -267,7 +269,8 @@ def test_hospitals_take_their_own_bundle_of_the_trials_placement_group(
         pool = runtime.RayPool(config, ShardSet.load(shard_dir), tmp_path)
         info = pool.wait_ready()
         pool.kill()
-        return {name: (i["placement_group"], i["assigned"]) for name, i in info.items()}
+        where = [runtime.coordinator_in_driver(rt) for rt in runtimes]
+        return {name: (i["placement_group"], i["assigned"]) for name, i in info.items()}, where
 
     try:
         got = ray.get(inside_the_group.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
@@ -275,8 +278,12 @@ def test_hospitals_take_their_own_bundle_of_the_trials_placement_group(
         ).remote(), timeout=120)
     finally:
         remove_placement_group(group)
-    assert got == {"hospital_a": (group.id.hex(), {"CPU": 0.5}),
-                   "hospital_b": (group.id.hex(), {"CPU": 0.25})}
+    placed, where = got
+    assert placed == {"hospital_a": (group.id.hex(), {"CPU": 0.5}),
+                      "hospital_b": (group.id.hex(), {"CPU": 0.25})}
+    # in a trial the coordinator runs in the trial's process, unless it needs its bundle's GPU
+    # or is asked to be an actor
+    assert where == [True, False, False]
 
 
 @pytest.fixture(scope="module")
@@ -331,6 +338,8 @@ def test_the_results_table_files_and_best_trial(asha_sweep) -> None:
         run = Path(row["run_dir"])  # each trial's run folder is inside its trial folder
         assert run.parent == folder / f"trial_{row['trial_id']}" and (run / "config.yaml").is_file()
         assert row["seconds"] > 0
+        # the coordinator ran in the trial's process: no process of its own to start
+        assert json.loads((run / "startup.json").read_text())["coordinator_in"] == "driver"
     csv = pd.read_csv(folder / "results.csv")
     parquet = pd.read_parquet(folder / "results.parquet")
     assert list(csv.columns) == list(parquet.columns) == list(table.columns)

@@ -346,13 +346,20 @@ class DriverCoordinator:
 
 def coordinator_in_driver(rt: RuntimeConfig) -> bool:
     """Whether this run hosts its coordinator in the driver: `runtime.coordinator: driver`, or
-    (auto) a local Ray (no runtime.address, no RAY_ADDRESS), not inside a Tune trial's
-    placement group, no resources asked for the coordinator, and no GPU visible to the driver (a coordinator actor without GPUs evaluates
-    on the CPU; so does this one)."""
-    if ray.is_initialized() and get_current_placement_group() is not None:
-        return False
+    (auto) either a Tune trial whose coordinator asks for no GPU, or a local Ray (no
+    runtime.address, no RAY_ADDRESS) with no resources asked for the coordinator and no GPU
+    visible to the driver (a coordinator actor without GPUs evaluates on the CPU; so does this
+    one).
+
+    A trial's process is already a Ray actor beside the trial's placement group, and its
+    working directory (which Tune uploads to remote storage) is where the run folder is
+    written: a coordinator in it costs no process start and writes the run folder on the
+    trial's own node. Its bundle 0 stays reserved for it, unused by any actor. Only a bundle
+    with GPUs needs an actor to hold them."""
     if rt.coordinator != "auto":  # a cluster job whose driver holds the run folder's volume
         return rt.coordinator == "driver"
+    if ray.is_initialized() and get_current_placement_group() is not None:
+        return not rt.coordinator_num_gpus
     if rt.address or os.environ.get("RAY_ADDRESS"):
         return False
     if rt.coordinator_num_cpus or rt.coordinator_num_gpus:
@@ -370,8 +377,8 @@ def launch_coordinator(config: ExperimentConfig, run_dir: Path, shards: ShardSet
     A local run keeps the coordinator in the driver (`coordinator_in_driver`), which builds it
     while the hospital actors start and returns once they are ready. Otherwise the coordinator
     is an actor; its CPUs are logical only: it evaluates while the hospitals are idle. Inside
-    a trial's placement group it takes bundle 0 and threads for the trial's CPUs, not the
-    cluster's.
+    a trial's placement group it threads for the trial's CPUs, not the cluster's, and an actor
+    coordinator takes bundle 0.
     """
     rt = config.runtime
     pool = RayPool(config, shards, run_dir, plan)

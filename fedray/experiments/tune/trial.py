@@ -30,7 +30,8 @@ COORDINATOR_MIN_CPUS = 0.01
 # ---------------------------------------------------------------- resources
 
 def trial_resources(config: ExperimentConfig) -> list[dict[str, float]]:
-    """The bundles one trial reserves: the coordinator's (the trial driver sits in it too),
+    """The bundles one trial reserves: the coordinator's (held for the coordinator, which runs
+    in the trial's own process unless it needs a GPU: runtime.coordinator_in_driver),
     then one per hospital, in hospital order; runtime.py puts hospital i in bundle i + 1."""
     from fedray.federation import runtime
     from fedray.data.partition import hospital_names
