@@ -6,6 +6,9 @@ import os
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# A replica whose constructor fails in a test fails for good: Serve's controller (which reads
+# this at start) marks the deployment failed after one try, not three process starts.
+os.environ.setdefault("RAY_SERVE_MAX_PER_REPLICA_RETRY_COUNT", "1")
 
 from pathlib import Path  # noqa: E402
 
