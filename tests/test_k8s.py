@@ -594,6 +594,18 @@ def test_service_runs_the_app_of_serve_config_yaml():
     assert [d["name"] for d in cluster["deployments"]] == [d["name"] for d in local["deployments"]]
 
 
+def test_service_pods_run_serves_fast_path_and_haproxy_ingress(overlay):
+    """Every RayService pod starts Ray with Serve's throughput-optimised mode and its HAProxy
+    ingress (which listens on every interface for its stats and metrics: the NetworkPolicies
+    keep those ports to the cluster's own pods: test_locked_down, network_problems)."""
+    _, docs = overlay
+    (service,) = [d for d in docs if d["kind"] == "RayService"]
+    for container in (c for spec in pod_specs(service) for c in spec["containers"]):
+        env = {e["name"]: e.get("value") for e in container.get("env", [])}
+        assert env.get("RAY_SERVE_THROUGHPUT_OPTIMIZED") == "1", container["name"]
+        assert env.get("RAY_SERVE_ENABLE_HA_PROXY") == "1", container["name"]
+
+
 def test_service_fails_closed_without_its_token(overlay):
     """The service listens on 0.0.0.0: /v1 needs the token, which comes from a required Secret
     (no Secret, no pods), and the app refuses to start with an empty one (no opt-out)."""
@@ -1009,7 +1021,8 @@ SUBMITTER = {"fedray.io/submitter": "true"}
 SERVE_CLIENT = {"fedray.io/serve-client": "true"}
 OPERATOR = {"app.kubernetes.io/component": "kuberay-operator"}
 DASHBOARD, CLIENT, GCS, SERVE = 8265, 10001, 6379, 8000
-PROBE_PORTS = (GCS, DASHBOARD, CLIENT, SERVE, 8080, 10002, 19999, 52365)  # metrics, workers, agent
+# metrics, workers, agent; Serve's HAProxy stats and metrics, and a replica's own HTTP port
+PROBE_PORTS = (GCS, DASHBOARD, CLIENT, SERVE, 8080, 10002, 19999, 52365, 8404, 9101, 30000)
 RESTRICTED = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
 
 

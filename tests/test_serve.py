@@ -278,6 +278,42 @@ def test_cli_refuses_an_unset_token_variable_before_starting_ray(packages):
     assert "--allow-unauthenticated" in done.stderr and "Started a local Ray" not in done.stderr
 
 
+def test_cli_haproxy_ingress_needs_a_ray_it_starts(packages, monkeypatch, capsys):
+    """--ingress haproxy is refused by name where Ray is already there (Serve reads the flag
+    when Ray starts), before anything is deployed."""
+    from fedray import cli
+
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")  # never contacted: refused before
+    assert cli.main(["serve", str(packages["a"]), "--allow-unauthenticated",
+                     "--ingress", "haproxy"]) == 2
+    err = capsys.readouterr().err
+    assert "--ingress haproxy needs a Ray that this command starts" in err
+    assert "RAY_SERVE_ENABLE_HA_PROXY=1" in err
+
+
+def test_haproxy_ingress_keeps_its_files_in_a_private_folder(monkeypatch):
+    """Serve's HAProxy files go to a folder of this process's own (mode 0700), not the shared
+    /tmp/haproxy-serve; the default ingress leaves HAProxy off."""
+    import stat
+
+    from fedray import serving
+
+    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items()
+                                        if not k.startswith("RAY_SERVE_")})
+    assert serving.use_fast_path() == serving.FAST_PATH_ENV
+    assert "RAY_SERVE_ENABLE_HA_PROXY" not in os.environ
+    used = serving.use_fast_path("haproxy")
+    assert used["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+    assert used["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
+    folder = Path(used["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"])
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700 and "haproxy-serve" not in str(folder)
+    for key in ("RAY_SERVE_HAPROXY_CONFIG_FILE_LOC", "RAY_SERVE_HAPROXY_SOCKET_PATH",
+                "RAY_SERVE_HAPROXY_SERVER_STATE_FILE"):
+        assert Path(used[key]).parent == folder
+    with pytest.raises(ValueError, match="ingress"):
+        serving.use_fast_path("nginx")
+
+
 def test_unknown_or_bad_args_are_refused_by_name():
     with pytest.raises(ConfigError, match="max_batchsize: unknown key"):
         parse_args({"package": "p", "max_batchsize": 8})

@@ -9,7 +9,10 @@ only): the CLI parser and the argument model (fedray.serving.args) must not pull
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
+import shutil
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -58,6 +61,12 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
                        help="combined: one deployment does HTTP and the model (fastest on CPU); "
                             "split: Ingress + Model; auto: split with --device cuda, else "
                             "combined")
+    serve.add_argument("--ingress", choices=["proxy", "haproxy"], default="proxy",
+                       help="what takes HTTP connections: Serve's Python proxy (default), or "
+                            "Serve's HAProxy ingress, about twice the images per second on "
+                            "a small CPU machine, which also listens on every interface for "
+                            "its stats (8404) and metrics (9101); only where this command "
+                            "starts Ray")
     serve.add_argument("--name", default="fedray", help="Serve application name")
     serve.add_argument("--route-prefix", default="/", help="the application's HTTP path prefix")
     serve.add_argument("--blocking", action=argparse.BooleanOptionalAction, default=True,
@@ -108,12 +117,37 @@ def proxy_timeout_s(args: ServeArgs) -> float:
 FAST_PATH_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
 
 
-def use_fast_path() -> dict[str, str]:
+def use_fast_path(ingress: str = "proxy") -> dict[str, str]:
     """Set Serve's fast-path environment (unless set already) for the Ray this process is
-    about to start and for Serve's modules, which read it once, at import; returns what holds."""
-    for key, value in FAST_PATH_ENV.items():
+    about to start and for Serve's modules, which read it once, at import; returns what holds.
+
+    `ingress="haproxy"` adds Serve's HAProxy ingress (Ray 2.60): HAProxy takes the HTTP port
+    and forwards to each replica's own HTTP server. Its files (config, admin socket, server
+    state), which Serve keeps under /tmp/haproxy-serve unless told otherwise, go to a folder of
+    this process's own (mode 0700), so no other user or Serve instance can read or replace
+    them, and the folder is removed when this process exits. It is not the default: Ray binds
+    HAProxy's stats (8404) and metrics (9101) ports on every interface, which a NetworkPolicy
+    confines on Kubernetes
+    (k8s/base/rayservice.yaml turns it on there) but nothing confines on a plain machine.
+    """
+    if ingress not in ("proxy", "haproxy"):
+        raise ValueError(f"ingress must be proxy or haproxy, got {ingress!r}")
+    wanted = dict(FAST_PATH_ENV)
+    if ingress == "haproxy":
+        import tempfile
+
+        files = tempfile.mkdtemp(prefix="fedray-haproxy-")  # mode 0700
+        # registered before Ray starts, so it runs after Ray's own shutdown at exit
+        atexit.register(shutil.rmtree, files, ignore_errors=True)
+        wanted.update({
+            "RAY_SERVE_ENABLE_HA_PROXY": "1",
+            "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": os.path.join(files, "haproxy.cfg"),
+            "RAY_SERVE_HAPROXY_SOCKET_PATH": os.path.join(files, "admin.sock"),
+            "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": files,
+            "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": os.path.join(files, "server-state")})
+    for key, value in wanted.items():
         os.environ.setdefault(key, value)
-    return {key: os.environ[key] for key in FAST_PATH_ENV}
+    return {key: os.environ[key] for key in wanted}
 
 
 def local_uri(package: str) -> str:
@@ -138,8 +172,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     import ray
 
-    if not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
-        use_fast_path()  # before Serve is imported and Ray started: both read it once
+    starts_ray = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
+    if args.ingress == "haproxy" and not starts_ray:
+        raise ValueError(
+            "--ingress haproxy needs a Ray that this command starts (Serve reads it when Ray "
+            "starts); on a running cluster, start its nodes with RAY_SERVE_ENABLE_HA_PROXY=1 "
+            "(k8s/base/rayservice.yaml does) and leave --ingress at proxy")
+    if starts_ray:
+        used = use_fast_path(args.ingress)  # before Serve is imported and Ray started
+        if args.ingress == "haproxy":
+            print("warning: --ingress haproxy: Serve's HAProxy listens on every interface for "
+                  "its stats (8404) and metrics (9101), whatever --host says; its files are "
+                  f"in {used['RAY_SERVE_HAPROXY_SERVER_STATE_BASE']}", file=sys.stderr)
     from ray import serve
     from ray.serve.exceptions import RayServeException
 
