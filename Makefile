@@ -9,9 +9,15 @@ STAMP  := $(VENV)/.installed-stamp
 install: $(STAMP)
 
 # pip takes torch 2.14.1 / torchvision 0.29.1 from the local wheel store when one is configured.
+# The bytecode is compiled once here, on every core: where PYTHONDONTWRITEBYTECODE is set, no
+# import writes it, and each process (every hospital, trial and replica) would compile torch
+# from source again, twice the time to import it.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --no-compile --disable-pip-version-check -e ".[dev]"
+	@# (a few files of the libraries' own tests are for newer Pythons and do not compile)
+	$(BIN)/python -m compileall -q -j 0 $(VENV)/lib > /dev/null || true
+	$(BIN)/python -m compileall -q fedray
 	touch $(STAMP)
 
 demo: install
@@ -32,6 +38,7 @@ $(PEERS_STAMP): benchmarks/peers/requirements.txt
 	$(PYTHON) -m venv $(PEERS)
 	$(PEERS)/bin/pip install --quiet --no-compile --disable-pip-version-check \
 		-r benchmarks/peers/requirements.txt
+	$(PEERS)/bin/python -m compileall -q -j 0 $(PEERS)/lib > /dev/null || true
 	touch $(PEERS_STAMP)
 
 bench-peers: install $(PEERS_STAMP)
