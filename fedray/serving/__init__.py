@@ -127,8 +127,8 @@ def use_fast_path(ingress: str = "proxy") -> dict[str, str]:
     this process's own (mode 0700), so no other user or Serve instance can read or replace
     them, and the folder is removed when this process exits. It is not the default: Ray binds
     HAProxy's stats (8404) and metrics (9101) ports on every interface, which a NetworkPolicy
-    confines on Kubernetes
-    (k8s/base/rayservice.yaml turns it on there) but nothing confines on a plain machine.
+    confines on Kubernetes (k8s/base/rayservice.yaml turns it on there) but nothing confines
+    on a plain machine. A variable already set in the environment is kept.
     """
     if ingress not in ("proxy", "haproxy"):
         raise ValueError(f"ingress must be proxy or haproxy, got {ingress!r}")
