@@ -189,13 +189,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from fedray.serving.deployments import application
 
-    if not ray.is_initialized():
-        address = os.environ.get("RAY_ADDRESS")
-        if address:
-            ray.init(address=address)
-        else:
-            auth_token(serve_args)  # replicas inherit this environment: fail before Ray starts
-            ray.init(include_dashboard=False, configure_logging=False)
+    if starts_ray:
+        auth_token(serve_args)  # replicas inherit this environment: fail before Ray starts
+        ray.init(include_dashboard=False, configure_logging=False)
+    elif not ray.is_initialized():
+        ray.init(address=os.environ["RAY_ADDRESS"])
     from fedray.federation import hosts
 
     hosts.forget_idle()  # the replicas need the CPUs that idle hospital hosts of this driver hold
