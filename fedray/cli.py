@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import importlib
 import json
+import os
 import sys
+import threading
 from pathlib import Path
 
 USER_ERRORS: tuple[type[Exception], ...] = (ValueError, FileNotFoundError)
@@ -357,5 +360,29 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def entry() -> None:
+    """The `fedray` console command: `main`, then a prompt exit.
+
+    A command that started a local Ray stops it here, before the interpreter exits: Ray's own
+    exit hook would first sleep half a second for log lines that this command has already
+    printed. Then the exit hooks run (logging, temporary folders, Ray's), the output is
+    flushed, and the process leaves with `os._exit`, skipping the interpreter's teardown of
+    torch and its other modules (about 1.5 s on 2 cores), which frees nothing the operating
+    system does not. Every file a command writes is closed before its function returns. A
+    command that raises, or that leaves a non-daemon thread running, exits the ordinary way.
+    """
+    code = main()
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate()
+           if t is not threading.main_thread()):
+        sys.exit(code)  # the interpreter joins them first
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

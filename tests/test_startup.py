@@ -100,3 +100,50 @@ def test_run_records_its_startup(ray_session, tmp_path: Path, overrides: dict) -
     assert result.final["test"]["accuracy"] >= 0
     assert any(line.startswith("start-up: first round after") for line in lines)
     assert "to the first round" in next(x for x in lines if x.startswith("finished:"))
+
+
+EXIT_PROBE = """
+import atexit, pathlib, sys, threading, time
+from fedray import cli
+out = pathlib.Path(sys.argv[1])
+
+def main():
+    atexit.register(lambda: (out / "atexit").write_text("ran"))
+    if sys.argv[2] == "thread":  # still writing when the command returns
+        threading.Thread(target=lambda: (time.sleep(0.5), (out / "thread").write_text("done"))
+                         ).start()
+    if sys.argv[2] == "ray":
+        import ray
+        ray.init(num_cpus=1, include_dashboard=False)
+        node = ray._private.worker._global_node
+        pids = [p.process.pid for infos in node.all_processes.values() for p in infos]
+        (out / "pids").write_text(" ".join(map(str, pids)))
+    print("buffered, not flushed", end="")
+    return 3
+
+cli.main = main
+cli.entry()
+"""
+
+
+@pytest.mark.parametrize("case", ["plain", "thread"])
+def test_console_entry_exits_with_the_code_after_hooks_output_and_threads(tmp_path, case) -> None:
+    out = subprocess.run([sys.executable, "-c", EXIT_PROBE, str(tmp_path), case], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 3 and out.stdout == "buffered, not flushed"
+    assert (tmp_path / "atexit").read_text() == "ran"
+    if case == "thread":
+        assert (tmp_path / "thread").read_text() == "done"
+
+
+def test_console_entry_stops_the_ray_it_started(tmp_path) -> None:
+    import psutil
+
+    out = subprocess.run([sys.executable, "-c", EXIT_PROBE, str(tmp_path), "ray"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 3, out.stderr
+    pids = [int(p) for p in (tmp_path / "pids").read_text().split()]
+    assert pids
+    alive = [p for p in pids if psutil.pid_exists(p)
+             and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    assert alive == [], f"Ray processes left running: {alive}"
