@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from fedray.config import ConfigError, load_config
-from fedray.federation.coordinator import Coordinator, LocalPool, cross_site_duplicates
+from fedray.federation.coordinator import (Coordinator, EarlyStop, LocalPool,
+                                           cross_site_duplicates)
 from fedray.federation.client import HospitalClient
 from fedray.data import sites, synth
 from fedray.data.pipeline import DataPrepError
@@ -127,3 +128,95 @@ def test_cross_site_duplicates_count_shared_hashes() -> None:
     found = cross_site_duplicates({"a": ["x", "y", "z"], "b": ["y", "q"], "c": ["y", "z"]})
     assert found["duplicates"] == 2
     assert found["pairs"] == {"a|b": 1, "a|c": 2, "b|c": 1}
+
+
+class CountingPool(LocalPool):
+    """A LocalPool that records each evaluation's split; `drop` names a hospital whose answer
+    to the evaluations after `drop_from` calls is lost (it could not answer)."""
+
+    def __init__(self, clients, drop: str | None = None, drop_from: int = 0) -> None:
+        super().__init__(clients)
+        self.evaluated: list[str] = []
+        self.drop, self.drop_from = drop, drop_from
+
+    def evaluate(self, weights, split):
+        self.evaluated.append(split)
+        out = super().evaluate(weights, split)
+        if self.drop and len(self.evaluated) > self.drop_from:
+            out.pop(self.drop)
+        return out
+
+
+def site_coordinator(tmp_path: Path, folders: dict[str, Path], pool=CountingPool, rounds: int = 2,
+                     **pool_args) -> Coordinator:
+    config = site_config(tmp_path, folders, **{"federation.rounds": rounds})
+    clients = [HospitalClient(name, None, config, tmp_path / "state" / name, num_threads=1)
+               for name in sorted(folders)]
+    return Coordinator(config, tmp_path, pool(clients, **pool_args), None, num_threads=1)
+
+
+@pytest.mark.parametrize("last_is_best", [True, False])
+def test_final_validation_is_the_best_models_and_reused_only_from_the_last_round(
+        site_folders, tmp_path, last_is_best) -> None:
+    coord = site_coordinator(tmp_path, site_folders)
+    coord.run_round()
+    # the last round's validation loss beats every earlier one (a fresh patience), or none
+    coord.early = EarlyStop(None)
+    if not last_is_best:
+        coord.early.best = float("-inf")
+    coord.run_round()
+    assert (coord.best_round == 2) is last_is_best
+    coord.pool.evaluated.clear()
+    final = coord.finish()
+    fresh = coord._evaluate("val", coord.best_weights)
+    # the best model on every site, however it was obtained (metrics.json moves `sites` out)
+    fresh_sites = fresh.pop("sites")
+    assert final["val"] == fresh
+    assert {h: m["val"] for h, m in final["sites"].items()} == fresh_sites
+    assert coord.pool.evaluated.count("val") == (1 if last_is_best else 2)  # finish's own: 0 / 1
+    assert final["val"]["n"] == sum(len(c.eval_data["val"]) for c in coord.pool.clients.values())
+
+
+def test_final_validation_is_evaluated_again_when_a_site_missed_the_rounds(
+        site_folders, tmp_path) -> None:
+    # hospital_b's answer to the second round's validation is lost; at the end it answers
+    coord = site_coordinator(tmp_path, site_folders, drop="hospital_b", drop_from=1)
+    coord.run_round()
+    coord.early = EarlyStop(None)
+    coord.pool.drop_from = len(coord.pool.evaluated)  # from the next evaluation on
+    coord.run_round()
+    assert coord.best_round == 2 and "hospital_b" not in coord.history[-1]["val_sites"]
+    coord.pool.drop = None
+    coord.pool.evaluated.clear()
+    final = coord.finish()
+    assert "val" in coord.pool.evaluated  # evaluated again, now with every site
+    assert "val" in final["sites"]["hospital_b"]
+
+
+def test_ood_calibration_scores_the_first_messages_features(site_folders, tmp_path,
+                                                            monkeypatch) -> None:
+    from collections import OrderedDict
+
+    from fedray.artifacts import ood
+    from fedray.federation.messages import FitIns, to_numpy
+
+    config = site_config(tmp_path, site_folders)
+    client = HospitalClient("hospital_a", None, config, tmp_path / "state" / "a", num_threads=1)
+    passes = []
+    real = ood.unit_features
+    monkeypatch.setattr(ood, "unit_features", lambda *a, **k: passes.append(1) or real(*a, **k))
+    weights = to_numpy(client.model.state_dict())
+    centroids, _ = ood.centroids_from_sums([client.ood_class_sums(weights)])
+    copy = OrderedDict((k, v.copy()) for k, v in weights.items())  # equal values, new arrays
+    first = client.ood_histogram(copy, centroids)
+    assert len(passes) == 1 and sum(first) == len(client.eval_data["val"])
+    assert client.ood_histogram(weights, centroids) == first and len(passes) == 2  # spent: again
+    # other weights, or a round trained in between, are scored afresh
+    client.ood_class_sums(weights)
+    other = OrderedDict((k, v + 1.0 if v.dtype.kind == "f" else v) for k, v in weights.items())
+    client.ood_histogram(other, centroids)
+    assert len(passes) == 4
+    client.ood_class_sums(weights)
+    client.fit(weights, FitIns(round=1, lr=0.003, local_epochs=1, seed=0))
+    client.ood_histogram(weights, centroids)
+    assert len(passes) == 6

@@ -67,9 +67,9 @@ def unit_features(model: nn.Module, dataset, batch_size: int = 128) -> tuple[Ten
     return torch.nn.functional.normalize(torch.cat(features), dim=1), dataset.labels
 
 
-def class_sums(model: nn.Module, dataset, classes: int) -> dict:
-    """A site's first calibration message: per class, the sum of its unit features and count."""
-    unit, labels = unit_features(model, dataset)
+def class_sums(unit: Tensor, labels, classes: int) -> dict:
+    """A site's first calibration message: per class, the sum of its images' unit features
+    (`unit_features`) and their count."""
     sums = np.zeros((classes, unit.shape[1]), dtype=np.float64)
     counts = np.zeros(classes, dtype=np.int64)
     for c in range(classes):
@@ -87,11 +87,11 @@ def centroids_from_sums(parts: list[dict]) -> tuple[np.ndarray, list[int]]:
     return (sums[present] / counts[present, None]).astype(np.float32), present
 
 
-def score_histogram(model: nn.Module, dataset, centroids: np.ndarray) -> list[int]:
-    """A site's second calibration message: its images' scores as counts over fixed bins."""
+def score_histogram(unit: Tensor, centroids: np.ndarray) -> list[int]:
+    """A site's second calibration message: its images' scores (from their unit features, the
+    same ones the first message summed) as counts over fixed bins."""
     import torch
 
-    unit, _ = unit_features(model, dataset)
     scores = torch.cdist(unit, torch.from_numpy(np.array(centroids, dtype=np.float32))).min(dim=1).values.numpy()
     index = np.clip((scores / SCORE_MAX * SCORE_BINS).astype(np.int64), 0, SCORE_BINS - 1)
     return np.bincount(index, minlength=SCORE_BINS).tolist()

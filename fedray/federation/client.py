@@ -13,6 +13,7 @@ import time
 from collections import OrderedDict
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
@@ -28,6 +29,10 @@ from fedray.federation.messages import FitIns, FitRes, to_numpy, to_torch
 from fedray.models import build_model, input_size  # noqa: F401 - input_size: importers
 
 
+def same_weights(a: OrderedDict, b: OrderedDict) -> bool:
+    """Whether two state dicts (numpy arrays) hold the same names, shapes and values."""
+    return a.keys() == b.keys() and all(
+        np.shape(a[k]) == np.shape(b[k]) and np.array_equal(a[k], b[k]) for k in a)
 
 
 class HospitalClient:
@@ -53,6 +58,7 @@ class HospitalClient:
         self.split_counts: dict[str, dict[str, int]] = {}
         self.hashes: list[str] = []
         self._eval_model: torch.nn.Module | None = None
+        self._ood_features: tuple[OrderedDict, torch.Tensor] | None = None
         if self.site is not None:
             self.dataset = self._load_site(self.site, size)
         else:
@@ -153,16 +159,25 @@ class HospitalClient:
         data = self.eval_data.get("val")
         if data is None:
             return None
-        return ood.class_sums(self._model_with(weights), data, len(CLASSES))
+        unit, labels = ood.unit_features(self._model_with(weights), data)
+        self._ood_features = (weights, unit)  # what the second message scores
+        return ood.class_sums(unit, labels, len(CLASSES))
 
     def ood_histogram(self, weights: OrderedDict, centroids) -> list[int] | None:
-        """Second message: the local validation images' OOD scores as counts over fixed bins."""
+        """Second message: the local validation images' OOD scores as counts over fixed bins.
+        Their features are the first message's when it had the same weights and this
+        hospital has not trained since (one forward pass over the split, not two)."""
         from fedray.artifacts import ood
 
         data = self.eval_data.get("val")
         if data is None:
             return None
-        return ood.score_histogram(self._model_with(weights), data, centroids)
+        cached, self._ood_features = self._ood_features, None
+        if cached is not None and same_weights(cached[0], weights):
+            unit = cached[1]
+        else:
+            unit, _ = ood.unit_features(self._model_with(weights), data)
+        return ood.score_histogram(unit, centroids)
 
     def image_hashes(self) -> list[str]:
         """The sha256 of this site's images (opt-in: data.cross_site_duplicates), never images."""
@@ -192,6 +207,7 @@ class HospitalClient:
         point can over-count a release, never under-count one.
         """
         start = time.perf_counter()
+        self._ood_features = None  # training changes this hospital's own (FedBN) layers
         self.faults.at("before_fit", ins.round)
         if self.private is not None:
             self.private.check_budget(self.name, ins.local_epochs)

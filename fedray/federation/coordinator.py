@@ -167,6 +167,8 @@ class Coordinator:
         self.early = EarlyStop(t.early_stopping_patience)
         self.stop_reason: str | None = None
         self.best_round = 0
+        self.best_val: dict | None = None  # the best round's validation metrics, this session
+        self._answered_all = True  # whether every hospital answered the last evaluation
         self.exhausted: set[str] = set()
 
     # ---- the round -------------------------------------------------------------------
@@ -256,6 +258,8 @@ class Coordinator:
         """Track the best round, step the LR schedule, and decide on early stopping."""
         if val is None or self.early.update(val["loss"]):
             self.best_weights, self.best_round = self.weights, self.round
+            # every site answered: finish reuses it while no round has trained since
+            self.best_val = val if self._answered_all else None
         if val is None:
             return
         self.plateau.step(val["loss"])
@@ -310,7 +314,9 @@ class Coordinator:
         """Pooled metrics computed exactly from the sites' sufficient statistics, with each
         site's own metrics under `sites`; the pooled loss drives the schedule. None when no
         site holds a local `split` (a validation fraction of 0)."""
-        stats = {h: st for h, st in sorted(self.pool.evaluate(weights, split).items()) if st}
+        answers = self.pool.evaluate(weights, split)
+        self._answered_all = len(answers) == len(self.pool.names)
+        stats = {h: st for h, st in sorted(answers.items()) if st}
         if not stats:
             if split == "val":
                 return None
@@ -327,6 +333,10 @@ class Coordinator:
                  "best_round": self.best_round}
         splits = (["val", "test"] if self.federated else []) + list(self.eval_sets)
         for split in splits:
+            if split == "val" and self.best_val is not None and self.best_round == self.round:
+                # the best round was the last: its validation was this model on these sites
+                final[split] = dict(self.best_val)
+                continue
             result = self._evaluate(split, self.best_weights)
             if result is not None:
                 final[split] = result
