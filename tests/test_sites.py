@@ -183,7 +183,6 @@ def test_final_validation_is_evaluated_again_when_a_site_missed_the_rounds(
     coord = site_coordinator(tmp_path, site_folders, drop="hospital_b", drop_from=1)
     coord.run_round()
     coord.early = EarlyStop(None)
-    coord.pool.drop_from = len(coord.pool.evaluated)  # from the next evaluation on
     coord.run_round()
     assert coord.best_round == 2 and "hospital_b" not in coord.history[-1]["val_sites"]
     coord.pool.drop = None

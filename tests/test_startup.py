@@ -103,7 +103,7 @@ def test_run_records_its_startup(ray_session, tmp_path: Path, overrides: dict) -
 
 
 EXIT_PROBE = """
-import atexit, pathlib, sys, threading, time
+import atexit, pathlib, sys, threading
 from fedray import cli
 out = pathlib.Path(sys.argv[1])
 
@@ -113,8 +113,11 @@ def log(event):
 
 def main():
     atexit.register(lambda: ((out / "atexit").write_text("ran"), log("atexit")))
-    if sys.argv[2] == "thread":  # still writing when the command returns
-        threading.Thread(target=lambda: (time.sleep(0.5), (out / "thread").write_text("done"))
+    if sys.argv[2] == "thread":  # still running when the command returns: it writes its file
+        exiting = threading.Event()  # only once the process is on its way out (sys.exit)
+        real_exit = sys.exit
+        sys.exit = lambda code=None: (exiting.set(), real_exit(code))
+        threading.Thread(target=lambda: (exiting.wait(), (out / "thread").write_text("done"))
                          ).start()
     if sys.argv[2] == "ray":  # a Ray this command started (its module, as entry sees it)
         import types
