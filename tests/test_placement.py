@@ -258,14 +258,19 @@ def test_hospital_that_never_gets_a_node_times_out_by_name(cluster_run) -> None:
 @pytest.mark.slow
 def test_each_hospital_reads_only_its_own_site_and_the_coordinator_none(cluster_run) -> None:
     """An audit hook in every process of the cluster (the driver, which hosts the coordinator,
-    and every Ray worker) records each file or folder opened under the sites' root."""
+    and every Ray worker) records each file or folder opened under the sites' root.
+
+    The pinned run's hospitals read exactly their own site. The timeout scenario's one
+    hospital that gets a node may start reading its own site before the pool gives up on the
+    other; which hospital that is, Ray decides, so of the processes outside the pinned run
+    none reads more than one site."""
     opened, pids = cluster_run["opened"], cluster_run["pids"]
     assert opened.get(cluster_run["driver_pid"], set()) == set()
     for name, pid in pids.items():
         assert opened.get(pid) == {name}, (name, opened)
     others = {pid: sites for pid, sites in opened.items()
               if pid not in pids.values() and pid != cluster_run["driver_pid"]}
-    assert all(not s for s in others.values()), others
+    assert all(len(s) <= 1 for s in others.values()), others
 
 
 @pytest.mark.slow
