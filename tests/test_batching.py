@@ -114,3 +114,113 @@ def test_configure_applies_to_later_batches_and_refuses_bad_values():
     assert [len(b) for b in asyncio.run(scenario())] == [2, 2]
     with pytest.raises(ValueError, match="max_batch_size"):
         Batcher(Model(), max_batch_size=0, wait_s=0.0)
+
+
+class HeldBatches(Model):
+    """A batch function whose n-th batch runs until releases[n] is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.releases = [asyncio.Event() for _ in range(8)]
+
+    async def __call__(self, items: list) -> list:
+        n = len(self.batches)
+        self.batches.append(list(items))
+        await self.releases[n].wait()
+        return [item * 10 for item in items]
+
+
+async def _spin() -> None:
+    for _ in range(20):
+        await asyncio.sleep(0)
+
+
+def test_with_two_streams_a_second_batch_runs_while_the_first_does():
+    async def scenario():
+        model = Model()
+        model.hold = asyncio.Event()
+        batcher = Batcher(model, max_batch_size=4, wait_s=30.0, streams=2)
+        calls = [asyncio.ensure_future(batcher(i)) for i in range(12)]
+        for _ in range(20):  # both streams form their batches while neither is released
+            await asyncio.sleep(0)
+        running = [list(b) for b in model.batches]
+        model.hold.set()
+        return running, model.batches, await asyncio.wait_for(asyncio.gather(*calls), 10)
+
+    running, batches, results = asyncio.run(scenario())
+    assert running == [[0, 1, 2, 3], [4, 5, 6, 7]]  # two at once, never a third
+    assert batches[2:] == [[8, 9, 10, 11]]
+    assert results == [10 * i for i in range(12)]
+
+
+def test_a_second_stream_waits_for_a_backlog_not_a_partial_batch():
+    async def scenario():
+        model = HeldBatches()
+        # no wait for a full batch: a free stream would take any waiting request at once
+        batcher = Batcher(model, max_batch_size=16, wait_s=0.0, streams=2)
+        calls = [asyncio.ensure_future(batcher(i)) for i in range(16)]
+        await _spin()  # all 16 in one batch, none split off for the idle stream
+        calls += [asyncio.ensure_future(batcher(i)) for i in range(16, 24)]
+        await _spin()  # 8 waiting, under a full batch: the idle stream leaves them
+        while_running = [list(b) for b in model.batches]
+        model.releases[0].set()  # the batch ends: the 8 go as with one stream
+        model.releases[1].set()
+        return while_running, await asyncio.wait_for(asyncio.gather(*calls), 10), model.batches
+
+    while_running, results, batches = asyncio.run(scenario())
+    assert while_running == [list(range(16))]
+    assert batches == [list(range(16)), list(range(16, 24))]
+    assert results == [10 * i for i in range(24)]
+
+
+def test_a_backlog_starts_a_second_batch_at_once_while_one_runs():
+    async def scenario():
+        model = HeldBatches()
+        batcher = Batcher(model, max_batch_size=8, wait_s=30.0, streams=2)
+        calls = [asyncio.ensure_future(batcher(i)) for i in range(8)]
+        await _spin()
+        calls += [asyncio.ensure_future(batcher(i)) for i in range(8, 16)]
+        await _spin()  # a full batch waits: the second stream takes it, no wait
+        running = [list(b) for b in model.batches]
+        for release in model.releases:
+            release.set()
+        return running, await asyncio.wait_for(asyncio.gather(*calls), 10)
+
+    running, results = asyncio.run(scenario())
+    assert running == [list(range(8)), list(range(8, 16))]
+    assert results == [10 * i for i in range(16)]
+
+
+def test_one_stream_never_runs_two_batches_at_once():
+    async def scenario():
+        model = Model()
+        model.hold = asyncio.Event()
+        batcher = Batcher(model, max_batch_size=4, wait_s=30.0, streams=1)
+        calls = [asyncio.ensure_future(batcher(i)) for i in range(8)]
+        for _ in range(20):
+            await asyncio.sleep(0)
+        running = [list(b) for b in model.batches]
+        model.hold.set()
+        await asyncio.wait_for(asyncio.gather(*calls), 10)
+        return running, model.batches
+
+    running, batches = asyncio.run(scenario())
+    assert running == [[0, 1, 2, 3]] and batches == [[0, 1, 2, 3], [4, 5, 6, 7]]
+
+
+def test_a_failed_batch_frees_its_stream():
+    async def scenario():
+        model = Model()
+        model.fail_on = {0, 2}
+        batcher = Batcher(model, max_batch_size=1, wait_s=0.0, streams=2)
+        failed = await asyncio.gather(batcher(0), batcher(2), return_exceptions=True)
+        after = await asyncio.wait_for(asyncio.gather(*(batcher(i) for i in (3, 4, 5))), 10)
+        return failed, after
+
+    failed, after = asyncio.run(scenario())
+    assert all(isinstance(f, RuntimeError) for f in failed) and after == [30, 40, 50]
+
+
+def test_streams_must_be_positive():
+    with pytest.raises(ValueError, match="streams"):
+        Batcher(Model(), max_batch_size=4, wait_s=0.0, streams=0)

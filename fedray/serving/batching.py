@@ -12,6 +12,13 @@ max_batch_size; a full queue goes at once. On that workload it ran batches of 16
 moment the model was free, without the wait, ran the clients' requests as alternating batches
 of 2-4 and 12-14, and 25% fewer images per second). A caller that stops waiting (deadline,
 disconnect) leaves the queue, and a batch that fails fails each of its callers with its error.
+
+With `streams` above one, up to that many batches run at once. A second batch starts while
+one runs only when a full batch is waiting (a backlog): 16 clients of one image each then
+still run as one batch of 16 on every thread, while a deeper queue, or requests of many images
+(/v1/predict/batch), use the streams. On a CPU, two single-threaded passes of 16 images did
+1.6x the images per second of one pass on both cores (resnet18, 64 px, 2 cores), but sixteen
+one-image clients split into two cohorts of 8 were served about 10% slower than as one.
 """
 
 from __future__ import annotations
@@ -27,12 +34,18 @@ BatchFn = Callable[[list[Any]], Awaitable[list[Any]]]
 class Batcher:
     """`await batcher(item)`: the result for `item` of one `fn(items)` call on a batch."""
 
-    def __init__(self, fn: BatchFn, max_batch_size: int, wait_s: float) -> None:
+    def __init__(self, fn: BatchFn, max_batch_size: int, wait_s: float, streams: int = 1) -> None:
+        if streams < 1:
+            raise ValueError(f"need streams >= 1, got {streams}")
         self._fn = fn
         self.configure(max_batch_size, wait_s)
+        self.streams = int(streams)
         self._queue: deque[tuple[Any, asyncio.Future]] = deque()
-        self._arrived: asyncio.Event | None = None  # made on the loop that serves calls
+        # made on the loop that serves calls
+        self._arrived: asyncio.Event | None = None
+        self._free: asyncio.Semaphore | None = None  # one permit per stream not running a batch
         self._worker: asyncio.Task | None = None
+        self._running: set[asyncio.Task] = set()  # batches being computed
 
     def configure(self, max_batch_size: int, wait_s: float) -> None:
         if max_batch_size < 1 or wait_s < 0:
@@ -45,6 +58,7 @@ class Batcher:
         loop = asyncio.get_running_loop()
         if self._arrived is None:
             self._arrived = asyncio.Event()
+            self._free = asyncio.Semaphore(self.streams)
         future = loop.create_future()
         self._queue.append((item, future))
         self._arrived.set()
@@ -61,13 +75,20 @@ class Batcher:
         return batch
 
     async def _gather(self) -> None:
-        """The model is free: wait up to wait_s for a full batch."""
+        """A stream is free. With no batch running, wait up to wait_s for a full batch. With
+        another batch running, a second one starts only on a backlog: a full batch waiting;
+        if the running batch ends first, the wait is as with none running."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.wait_s
+        deadline = None
         while len(self._queue) < self.max_batch_size:
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                return
+            if self._running:
+                remaining = None
+            else:
+                if deadline is None:
+                    deadline = loop.time() + self.wait_s
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    return
             self._arrived.clear()
             try:
                 await asyncio.wait_for(self._arrived.wait(), remaining)
@@ -76,13 +97,27 @@ class Batcher:
 
     async def _run(self) -> None:
         while True:
-            if not self._queue:
-                self._arrived.clear()
-                await self._arrived.wait()
-            await self._gather()
-            batch = self._take()
-            if batch:
-                await self._compute(batch)
+            await self._free.acquire()  # a stream is free: form its batch
+            try:
+                if not self._queue:
+                    self._arrived.clear()
+                    await self._arrived.wait()
+                await self._gather()
+                batch = self._take()
+            except BaseException:
+                self._free.release()
+                raise
+            if not batch:
+                self._free.release()
+                continue
+            task = asyncio.get_running_loop().create_task(self._compute(batch))
+            self._running.add(task)
+            task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task) -> None:
+        self._running.discard(task)
+        self._free.release()
+        self._arrived.set()  # a stream waiting for a backlog now waits as the only one
 
     async def _compute(self, batch: list[tuple[Any, asyncio.Future]]) -> None:
         try:
