@@ -152,7 +152,8 @@ def _config(packages: dict[str, Path], model_user_config: dict | None = None) ->
 
     main_model = {"user_config": model_user_config} if model_user_config else {}
     return {"applications": [
-        app("main", "/", {**MAIN_LIMITS, "max_batch_size": 8, "topology": "combined"},
+        app("main", "/", {**MAIN_LIMITS, "max_batch_size": 8, "topology": "combined",
+                          "streams": 2},
             main_model),
         app("secure", "/secure", {"auth_token_env": TOKEN_ENV, "runtime": "torchscript",
                                   "max_batch_size": 1, "max_batch_images": 8,
@@ -638,6 +639,55 @@ def test_predictor_keeps_serving_when_a_swap_fails(packages, in_process, smears)
     assert predictor.last_reload["ok"] is True
 
 
+def test_model_cpus_default_to_this_commands_ray_shared_by_the_replicas():
+    import argparse
+
+    from fedray.serving import model_cpus
+
+    def flags(**given):
+        return argparse.Namespace(**{"model_cpus": None, "replicas": None,
+                                     "max_replicas": None, **given})
+
+    assert model_cpus(flags(), 2.0) == 2.0  # one replica: every CPU, so every torch thread
+    assert model_cpus(flags(replicas=2), 8.0) == 4.0
+    assert model_cpus(flags(max_replicas=3), 8.0) == 2.0
+    assert model_cpus(flags(replicas=4), 2.0) == 1.0  # never under one
+    assert model_cpus(flags(), None) == 1.0  # a running cluster's CPUs are not this command's
+    assert model_cpus(flags(model_cpus=0.25), 8.0) == 0.25
+    with pytest.raises(ValueError, match="--model-cpus"):
+        model_cpus(flags(model_cpus=0.0), 2.0)
+
+
+def test_compute_streams_default_to_two_on_a_cpu_with_threads_to_share():
+    from fedray.serving.predictor import compute_streams
+
+    assert compute_streams(None, "cpu", threads=2) == 2
+    assert compute_streams(None, "cpu", threads=8) == 2
+    assert compute_streams(None, "cpu", threads=1) == 1  # one thread: nothing to share
+    assert compute_streams(3, "cpu", threads=1) == 3  # asked for: kept
+    assert compute_streams(None, "cuda", threads=8) == 1
+
+
+def test_explanations_use_a_module_apart_from_the_predictions(packages, smears):
+    """Streams run predictions on the served module while an explanation runs: attribution
+    hooks and autograd go on a module of the explanation's own, and leave no trace."""
+    from fedray.serving.predictor import Predictor
+
+    predictor = Predictor(str(packages["a"]))
+    image = np.asarray(Image.open(io.BytesIO(smears[0])).convert("RGB"))
+    served = predictor.served.package.model
+    before = predictor.predict([image])[0]
+    for method in ("gradcam", "saliency"):
+        explained = predictor.explain(image, method)
+        assert explained["probabilities"] == before["probabilities"]
+    explaining = predictor.served.explainable().model
+    assert explaining is not served
+    assert not {id(p) for p in explaining.parameters()} & {id(p) for p in served.parameters()}
+    assert all(not m._forward_hooks and not m._backward_hooks for m in served.modules())
+    assert all(p.grad is None for p in served.parameters())
+    assert predictor.predict([image])[0] == before
+
+
 def test_model_loads_the_package_its_config_names(packages, in_process):
     """The Model deployment's own code, outside Serve, called as Serve calls it: __init__,
     then reconfigure(user_config) before any traffic, then check_health."""
@@ -749,6 +799,9 @@ def test_model_card_health_readiness_and_openapi(service, in_process, http):
     assert card["model"]["hash"] == package.model_hash
     assert card["card"]["name"] == "tiny" and card["classes"] == list(package.classes)
     assert card["image_size"] == 32 and card["runtime"] == "pytorch" and card["device"] == "cpu"
+    assert card["streams"] == 2  # the config's; the secure app's Model has its default, 1 thread
+    assert http.get(f"{service['secure']}/v1/model",
+                    headers={"Authorization": f"Bearer {TOKEN}"}).json()["streams"] == 1
     assert http.get(f"{url}/healthz").json() == {"status": "ok"}
     ready = http.get(f"{url}/readyz")
     assert ready.status_code == 200 and ready.json()["model"]["hash"] == package.model_hash

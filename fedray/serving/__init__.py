@@ -51,7 +51,10 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--replicas", type=int, help="fixed number of Model replicas (default 1)")
     serve.add_argument("--min-replicas", type=int, help="autoscale Model replicas from this ...")
     serve.add_argument("--max-replicas", type=int, help="... to this")
-    serve.add_argument("--model-cpus", type=float, default=1.0, help="CPUs per Model replica")
+    serve.add_argument("--model-cpus", type=float, default=None,
+                       help="CPUs per Model replica, which sets its torch threads (default: "
+                            "where this command starts Ray, its CPUs shared by the replicas; "
+                            "on a running cluster, 1)")
     serve.add_argument("--auth-token-env", metavar="VAR",
                        help="require `Authorization: Bearer $VAR` on /v1; refuse to start "
                             "while VAR is unset or empty")
@@ -87,7 +90,7 @@ def _model_scaling(args: argparse.Namespace) -> dict:
     autoscale = args.min_replicas is not None or args.max_replicas is not None
     if autoscale and args.replicas is not None:
         raise ValueError("give --replicas or --min-replicas/--max-replicas, not both")
-    options: dict = {"ray_actor_options": {"num_cpus": args.model_cpus,
+    options: dict = {"ray_actor_options": {"num_cpus": model_cpus(args, None),
                                            "num_gpus": 1 if args.device == "cuda" else 0}}
     if autoscale:
         low = args.min_replicas if args.min_replicas is not None else 1
@@ -102,6 +105,20 @@ def _model_scaling(args: argparse.Namespace) -> dict:
             raise ValueError(f"--replicas must be >= 1, got {replicas}")
         options["num_replicas"] = replicas
     return options
+
+
+def model_cpus(args: argparse.Namespace, local_cpus: float | None) -> float:
+    """CPUs per Model replica: --model-cpus, else, on a Ray of `local_cpus` CPUs that this
+    command started, an equal share for each replica (at most --replicas or --max-replicas of
+    them), else 1. Ray gives a replica as many torch threads as whole CPUs."""
+    if args.model_cpus is not None:
+        if args.model_cpus <= 0:
+            raise ValueError(f"--model-cpus must be > 0, got {args.model_cpus}")
+        return args.model_cpus
+    if local_cpus is None:
+        return 1.0
+    replicas = args.replicas or args.max_replicas or 1
+    return float(max(1, int(local_cpus) // replicas))
 
 
 def proxy_timeout_s(args: ServeArgs) -> float:
@@ -192,6 +209,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if starts_ray:
         auth_token(serve_args)  # replicas inherit this environment: fail before Ray starts
         ray.init(include_dashboard=False, configure_logging=False)
+        model_options["ray_actor_options"]["num_cpus"] = model_cpus(
+            args, ray.cluster_resources().get("CPU", 1))
     elif not ray.is_initialized():
         ray.init(address=os.environ["RAY_ADDRESS"])
     from fedray.federation import hosts

@@ -24,6 +24,11 @@ class ServeArgs(BaseModel):
     runtime: Literal["pytorch", "torchscript"] = "pytorch"
     max_batch_size: int = Field(16, ge=1, le=1024, description="most images per forward pass")
     batch_wait_timeout_s: float = Field(0.005, ge=0, le=1, description="longest batch fill wait")
+    streams: int | None = Field(None, ge=1, le=64, description="batches the model runs at once: "
+                                "another starts while one runs only when a full batch waits, "
+                                "and each gets an equal share of the replica's threads among "
+                                "those running (default: 2 on a CPU replica with 2 or more "
+                                "threads, else 1)")
     max_image_bytes: int = Field(10 * 1024 * 1024, ge=1, description="largest accepted upload")
     max_pixels: int = Field(4096 * 4096, ge=1, description="largest width x height (bomb guard)")
     max_batch_images: int = Field(32, ge=1, description="most images in one batch request")

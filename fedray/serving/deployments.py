@@ -76,6 +76,15 @@ READY_TIMEOUT_S = 10.0
 # --------------------------------------------------------------------------- Model
 
 
+def _in_replica() -> bool:
+    """Whether this code runs in a Serve replica (not a script or a test using the class)."""
+    try:
+        serve.get_replica_context()
+    except RayServeException:
+        return False
+    return True
+
+
 class ModelUserConfig(BaseModel):
     """What `user_config` may change on running Model replicas, without restarting them."""
 
@@ -89,16 +98,41 @@ class ModelUserConfig(BaseModel):
 @serve.deployment(name="Model")
 class Model:
     def __init__(self, args: dict) -> None:
+        from fedray.serving.predictor import compute_streams
+
         self._args = parse_args(args)
         self._predictor: Predictor | None = None  # the first reconfigure loads it
-        # One thread runs every forward/backward pass: batches never overlap on the model,
-        # and captum's Grad-CAM hooks never see another request's forward pass.
-        self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedray-model")
-        self._batcher = Batcher(self.predict_many, self._args.max_batch_size,
-                                self._args.batch_wait_timeout_s)
+        self.streams = compute_streams(self._args.streams, self._args.device)
+        # One thread per stream runs forward passes: up to `streams` batches at once. In a
+        # replica (whose process and threads are its own), each pass gets an equal share of
+        # the replica's threads among the passes running when it starts: a batch alone uses
+        # them all. Explanations have a thread (and, in the Predictor, a module) of their
+        # own: attribution hooks never see a prediction's forward pass.
+        self._threads: int | None = None
+        if _in_replica():
+            import torch
 
-    async def _run(self, fn, *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._compute, fn, *args)
+            self._threads = torch.get_num_threads()  # Ray's, from the replica's num_cpus
+        self._computing = 0
+        self._compute = ThreadPoolExecutor(max_workers=self.streams,
+                                           thread_name_prefix="fedray-model")
+        self._explaining = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedray-explain")
+        self._batcher = Batcher(self.predict_many, self._args.max_batch_size,
+                                self._args.batch_wait_timeout_s, streams=self.streams)
+
+    async def _run(self, fn, *args: Any, pool: ThreadPoolExecutor | None = None) -> Any:
+        loop = asyncio.get_running_loop()
+        pool = pool or self._compute
+        if self._threads is None:
+            return await loop.run_in_executor(pool, fn, *args)
+        from fedray.serving.predictor import with_threads
+
+        self._computing += 1
+        try:
+            share = max(1, self._threads // self._computing)
+            return await loop.run_in_executor(pool, with_threads, share, fn, *args)
+        finally:
+            self._computing -= 1
 
     @property
     def predictor(self) -> "Predictor":
@@ -165,7 +199,7 @@ class Model:
         return await self._run(self.predictor.predict, images)
 
     async def explain(self, image: np.ndarray, method: str) -> dict:
-        return await self._run(self.predictor.explain, image, method)
+        return await self._run(self.predictor.explain, image, method, pool=self._explaining)
 
     async def ready(self) -> dict:
         """The served model (test-run when loaded) and the refused swap if the last was; from
@@ -178,7 +212,7 @@ class Model:
             replica = serve.get_replica_context().replica_id.unique_id
         except RayServeException:  # the class used outside Serve (tests, a script)
             replica = "outside Serve"
-        return {**self.predictor.info(), "replica": replica}
+        return {**self.predictor.info(), "replica": replica, "streams": self.streams}
 
 
 # --------------------------------------------------------------------------- HTTP API

@@ -12,6 +12,8 @@ it abstains (`abstain: true` and why), its probabilities still given.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -63,13 +65,32 @@ class Served:
                 "model": self.ref(), "image_size": self.package.image_size}
 
     def explainable(self):
-        """fedray.explain's LoadedModel of this package, built on first use."""
+        """fedray.explain's LoadedModel of this package, built on first use, on a module of
+        its own: attribution hooks and autograd never touch the module predictions run on,
+        which may be running other batches at the same time."""
         if self._explainable is None:
-            self._explainable = self.package.explainable()
+            loaded = self.package.explainable()
+            if loaded.model is self.package.model:
+                loaded = dataclasses.replace(loaded, model=copy.deepcopy(loaded.model))
+            self._explainable = loaded
         return self._explainable
 
 
 Loader = Callable[..., ModelPackage]
+
+
+def compute_streams(requested: int | None, device: str, threads: int | None = None) -> int:
+    """How many batches a model replica runs at once: `requested`, else 2 on a CPU with 2 or
+    more threads (`threads`, default torch's), else 1."""
+    threads = torch.get_num_threads() if threads is None else int(threads)
+    on_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    return requested if requested is not None else 2 if on_cpu and threads >= 2 else 1
+
+
+def with_threads(threads: int, fn: Callable, *args):
+    """`fn(*args)` on `threads` intra-op threads (set from the thread that runs it)."""
+    torch.set_num_threads(threads)
+    return fn(*args)
 
 
 class Predictor:

@@ -51,6 +51,7 @@ class ModelInfo(BaseModel):
     loaded_at: float
     last_reload: ReloadStatus | None = None
     replica: str = Field(description="the Model replica that answered (ids change on restart)")
+    streams: int = Field(description="batches the replica's model runs at once")
     card: dict = Field(description="the package's card.json")
 
 
