@@ -231,7 +231,7 @@ def main() -> None:
     parser.add_argument("--batch-wait-timeout-s", type=float, default=0.005)
     parser.add_argument("--streams", type=int, default=None,
                         help="the service's compute streams (default: the service's own, 2 on "
-                             "this CPU); the limit is the better of 1 stream and this many")
+                             "a CPU); the limit is the better of 1 stream and max(2, this)")
     parser.add_argument("--latency-requests", type=int, default=200)
     parser.add_argument("--images-per-request", type=int, default=16,
                         help="images in each POST /v1/predict/batch (at most max_batch_images)")
@@ -270,7 +270,7 @@ def main() -> None:
                 package = make_package(Path(tmp), backbone, args.size)
                 # The limit is the better in-process arrangement: one pass on every thread,
                 # or `streams` single-share passes at once (what the service may run).
-                streams = args.streams or 2
+                streams = max(2, args.streams or 2)  # whatever the service runs
                 one_stream = limit_throughput(package, images, args.max_batch_size, args.seconds)
                 many = limit_throughput(package, images, args.max_batch_size, args.seconds,
                                         streams) if streams > 1 else 0.0
