@@ -14,11 +14,12 @@ of 2-4 and 12-14, and 25% fewer images per second). A caller that stops waiting 
 disconnect) leaves the queue, and a batch that fails fails each of its callers with its error.
 
 With `streams` above one, up to that many batches run at once. A second batch starts while
-one runs only when a full batch is waiting (a backlog): 16 clients of one image each then
-still run as one batch of 16 on every thread, while a deeper queue, or requests of many images
-(/v1/predict/batch), use the streams. On a CPU, two single-threaded passes of 16 images did
-1.6x the images per second of one pass on both cores (resnet18, 64 px, 2 cores), but sixteen
-one-image clients split into two cohorts of 8 were served about 10% slower than as one.
+one runs only when a full batch is waiting (a backlog). Sixteen clients of one image each then
+still run as one batch of 16 on every thread; splitting them into two cohorts of 8 was no
+faster. A deeper queue, or requests of many images (/v1/predict/batch), use the streams: on
+2 cores (resnet18, 64 px), two single-threaded passes of 16 images did 1.8x the images per
+second of one pass on both cores, and the service's batch route and 64 one-image clients ran
+about 1.5x and 1.4x faster with two streams than with one (benchmarks/results/serve_haproxy*).
 """
 
 from __future__ import annotations
