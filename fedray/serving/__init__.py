@@ -131,7 +131,13 @@ def proxy_timeout_s(args: ServeArgs) -> float:
 # HTTP server (bound to loopback, like the proxy). A replica opens its internal gRPC server on
 # all interfaces in either mode (Ray 2.60; token-authenticated), so this adds no exposure.
 # An explicit RAY_SERVE_THROUGHPUT_OPTIMIZED=0 in the environment turns it off.
-FAST_PATH_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+# A replica with its own HTTP server stays open at least RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_
+# PERIOD_S (30 s by default) when it stops, so that outside load balancers can deregister it:
+# `fedray serve` took 30 s to stop after Ctrl-C. Where fedray starts Ray, the only routers in
+# front (the proxy, HAProxy) are that Ray's own and stop with it, so 1 s is enough; the drain
+# still waits for requests in flight.
+FAST_PATH_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+                 "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1"}
 
 
 def use_fast_path(ingress: str = "proxy") -> dict[str, str]:
