@@ -382,3 +382,38 @@ def test_verify_names_mistyped_fields(package, tmp_path):
         _rewrite_card(copy, edit)
         with pytest.raises(PackageError, match=f"field '{field_name}'"):
             verify_package(copy)
+
+
+def test_concurrent_passes_on_one_module_keep_their_own_features():
+    """A service runs passes on one module from several threads: each pass's features are its
+    own, even when another thread's pass reaches the last Linear layer while it is running."""
+    import threading
+
+    from torch import nn
+
+    from fedray.artifacts.ood import logits_and_features
+
+    past_linear, other_done = threading.Event(), threading.Event()
+
+    class Gate(nn.Module):
+        def forward(self, x):
+            if x.shape[0] == 3:  # the first pass waits, its hook still on, past the layer
+                past_linear.set()
+                assert other_done.wait(10)
+            return x
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2), Gate()).eval()
+    out = {}
+
+    def first():
+        out["first"] = logits_and_features(model, torch.zeros(3, 4))[1]
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    assert past_linear.wait(10)
+    out["second"] = logits_and_features(model, torch.ones(16, 4))[1]
+    other_done.set()
+    thread.join(10)
+    assert out["first"].shape == (3, 4) and bool((out["first"] == 0).all())
+    assert out["second"].shape == (16, 4) and bool((out["second"] == 1).all())
+    assert not model[1]._forward_pre_hooks

@@ -33,10 +33,21 @@ def last_linear(model: nn.Module) -> nn.Module:
 
 
 def logits_and_features(model: nn.Module, batch: Tensor) -> tuple[Tensor, Tensor]:
-    """One forward pass of an eager model, keeping the input of its last Linear layer."""
+    """One forward pass of an eager model, keeping the input of its last Linear layer.
+
+    The hook keeps only the features of this thread's pass: a service runs passes on one
+    module from several threads at once, and each pass's hook fires in every one of them.
+    """
+    import threading
+
     seen: dict[str, Tensor] = {}
-    handle = last_linear(model).register_forward_pre_hook(
-        lambda module, args: seen.__setitem__("features", args[0]))
+    caller = threading.get_ident()
+
+    def keep(module, args) -> None:
+        if threading.get_ident() == caller:
+            seen["features"] = args[0]
+
+    handle = last_linear(model).register_forward_pre_hook(keep)
     try:
         logits = model(batch)
     finally:

@@ -200,6 +200,10 @@ class ModelPackage:
             self._eager = _build_eager(self.path, self.card).to(self.device)
         return self._eager
 
+    def fresh_eager_model(self) -> nn.Module:
+        """A new PyTorch module from the package's weights, shared with nothing."""
+        return _build_eager(self.path, self.card).to(self.device)
+
     def explainable(self):
         """The package as fedray.explain's LoadedModel."""
         from fedray.artifacts.model import LoadedModel

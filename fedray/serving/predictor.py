@@ -12,7 +12,6 @@ it abstains (`abstain: true` and why), its probabilities still given.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
 import time
@@ -70,8 +69,9 @@ class Served:
         which may be running other batches at the same time."""
         if self._explainable is None:
             loaded = self.package.explainable()
-            if loaded.model is self.package.model:
-                loaded = dataclasses.replace(loaded, model=copy.deepcopy(loaded.model))
+            if loaded.model is self.package.model:  # built afresh: a copy of the live module
+                # would copy the hooks of passes running on it
+                loaded = dataclasses.replace(loaded, model=self.package.fresh_eager_model())
             self._explainable = loaded
         return self._explainable
 
