@@ -224,3 +224,24 @@ def test_a_failed_batch_frees_its_stream():
 def test_streams_must_be_positive():
     with pytest.raises(ValueError, match="streams"):
         Batcher(Model(), max_batch_size=4, wait_s=0.0, streams=0)
+
+
+def test_callers_that_gave_up_are_no_backlog():
+    async def scenario():
+        model = HeldBatches()
+        batcher = Batcher(model, max_batch_size=2, wait_s=0.0, streams=2)
+        calls = [asyncio.ensure_future(batcher(i)) for i in range(2)]
+        await _spin()  # [0, 1] running
+        gone = asyncio.ensure_future(batcher(2))
+        kept = asyncio.ensure_future(batcher(3))
+        await asyncio.sleep(0)
+        gone.cancel()
+        await _spin()  # one caller waits, one gave up: not a full batch, no second pass
+        running = [list(b) for b in model.batches]
+        for release in model.releases:
+            release.set()
+        return running, await asyncio.wait_for(asyncio.gather(*calls, kept), 10), model.batches
+
+    running, results, batches = asyncio.run(scenario())
+    assert running == [[0, 1]]
+    assert batches == [[0, 1], [3]] and results == [0, 10, 30]

@@ -68,6 +68,12 @@ class Batcher:
             self._worker = loop.create_task(self._run())
         return await future  # cancelled here: the worker skips it
 
+    def _waiting(self) -> int:
+        """Callers still waiting in the queue (one that gave up is dropped here)."""
+        while self._queue and self._queue[0][1].done():
+            self._queue.popleft()
+        return sum(not future.done() for _, future in self._queue)
+
     def _take(self) -> list[tuple[Any, asyncio.Future]]:
         batch = []
         while self._queue and len(batch) < self.max_batch_size:
@@ -82,7 +88,7 @@ class Batcher:
         if the running batch ends first, the wait is as with none running."""
         loop = asyncio.get_running_loop()
         deadline = None
-        while len(self._queue) < self.max_batch_size:
+        while self._waiting() < self.max_batch_size:
             if self._running:
                 remaining = None
             else:
@@ -101,7 +107,7 @@ class Batcher:
         while True:
             await self._free.acquire()  # a stream is free: form its batch
             try:
-                if not self._queue:
+                while not self._waiting():  # the fill wait starts at a first request
                     self._arrived.clear()
                     await self._arrived.wait()
                 await self._gather()
