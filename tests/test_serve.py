@@ -653,6 +653,8 @@ def test_model_cpus_default_to_this_commands_ray_shared_by_the_replicas():
     assert model_cpus(flags(max_replicas=3), 8.0) == 2.0
     assert model_cpus(flags(replicas=4), 2.0) == 1.0  # never under one
     assert model_cpus(flags(), None) == 1.0  # a running cluster's CPUs are not this command's
+    assert model_cpus(flags(), 2.0, split=True) == 1.0  # one left for the Ingress (0.5 CPU)
+    assert model_cpus(flags(), 8.0, split=True) == 7.0
     assert model_cpus(flags(model_cpus=0.25), 8.0) == 0.25
     with pytest.raises(ValueError, match="--model-cpus"):
         model_cpus(flags(model_cpus=0.0), 2.0)
@@ -799,9 +801,7 @@ def test_model_card_health_readiness_and_openapi(service, in_process, http):
     assert card["model"]["hash"] == package.model_hash
     assert card["card"]["name"] == "tiny" and card["classes"] == list(package.classes)
     assert card["image_size"] == 32 and card["runtime"] == "pytorch" and card["device"] == "cpu"
-    assert card["streams"] == 2  # the config's; the secure app's Model has its default, 1 thread
-    assert http.get(f"{service['secure']}/v1/model",
-                    headers={"Authorization": f"Bearer {TOKEN}"}).json()["streams"] == 1
+    assert card["streams"] == 2  # the config's
     assert http.get(f"{url}/healthz").json() == {"status": "ok"}
     ready = http.get(f"{url}/readyz")
     assert ready.status_code == 200 and ready.json()["model"]["hash"] == package.model_hash

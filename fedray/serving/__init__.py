@@ -107,10 +107,11 @@ def _model_scaling(args: argparse.Namespace) -> dict:
     return options
 
 
-def model_cpus(args: argparse.Namespace, local_cpus: float | None) -> float:
+def model_cpus(args: argparse.Namespace, local_cpus: float | None, split: bool = False) -> float:
     """CPUs per Model replica: --model-cpus, else, on a Ray of `local_cpus` CPUs that this
     command started, an equal share for each replica (at most --replicas or --max-replicas of
-    them), else 1. Ray gives a replica as many torch threads as whole CPUs."""
+    them) of those CPUs, less one for the Ingress in the split topology; else 1. Ray gives a
+    replica as many torch threads as whole CPUs."""
     if args.model_cpus is not None:
         if args.model_cpus <= 0:
             raise ValueError(f"--model-cpus must be > 0, got {args.model_cpus}")
@@ -118,7 +119,7 @@ def model_cpus(args: argparse.Namespace, local_cpus: float | None) -> float:
     if local_cpus is None:
         return 1.0
     replicas = args.replicas or args.max_replicas or 1
-    return float(max(1, int(local_cpus) // replicas))
+    return float(max(1, (int(local_cpus) - (1 if split else 0)) // replicas))
 
 
 def proxy_timeout_s(args: ServeArgs) -> float:
@@ -216,7 +217,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         auth_token(serve_args)  # replicas inherit this environment: fail before Ray starts
         ray.init(include_dashboard=False, configure_logging=False)
         model_options["ray_actor_options"]["num_cpus"] = model_cpus(
-            args, ray.cluster_resources().get("CPU", 1))
+            args, ray.cluster_resources().get("CPU", 1), split=serve_args.topology == "split")
     elif not ray.is_initialized():
         ray.init(address=os.environ["RAY_ADDRESS"])
     from fedray.federation import hosts

@@ -35,6 +35,7 @@ import base64
 import hmac
 import io
 import logging
+import threading
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -113,7 +114,8 @@ class Model:
             import torch
 
             self._threads = torch.get_num_threads()  # Ray's, from the replica's num_cpus
-        self._computing = 0
+        self._computing = 0  # passes running now, counted in their threads
+        self._count_lock = threading.Lock()
         self._compute = ThreadPoolExecutor(max_workers=self.streams,
                                            thread_name_prefix="fedray-model")
         self._explaining = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedray-explain")
@@ -125,14 +127,21 @@ class Model:
         pool = pool or self._compute
         if self._threads is None:
             return await loop.run_in_executor(pool, fn, *args)
+        return await loop.run_in_executor(pool, self._pass, fn, *args)
+
+    def _pass(self, fn, *args: Any) -> Any:
+        """`fn(*args)` on this pass's share of the threads, counted while it runs (in the
+        worker thread: a pass still queued, or one whose caller gave up, counts as it runs)."""
         from fedray.serving.predictor import with_threads
 
-        self._computing += 1
-        try:
+        with self._count_lock:
+            self._computing += 1
             share = max(1, self._threads // self._computing)
-            return await loop.run_in_executor(pool, with_threads, share, fn, *args)
+        try:
+            return with_threads(share, fn, *args)
         finally:
-            self._computing -= 1
+            with self._count_lock:
+                self._computing -= 1
 
     @property
     def predictor(self) -> "Predictor":
