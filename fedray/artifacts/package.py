@@ -197,7 +197,7 @@ class ModelPackage:
     def eager_model(self) -> nn.Module:
         """The PyTorch module (for attributions), whatever runtime serves predictions."""
         if self._eager is None:
-            self._eager = _build_eager(self.path, self.card).to(self.device)
+            self._eager = self.fresh_eager_model()
         return self._eager
 
     def fresh_eager_model(self) -> nn.Module:

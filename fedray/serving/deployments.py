@@ -132,13 +132,14 @@ class Model:
     def _pass(self, fn, *args: Any) -> Any:
         """`fn(*args)` on this pass's share of the threads, counted while it runs (in the
         worker thread: a pass still queued, or one whose caller gave up, counts as it runs)."""
-        from fedray.serving.predictor import with_threads
+        import torch
 
         with self._count_lock:
             self._computing += 1
             share = max(1, self._threads // self._computing)
         try:
-            return with_threads(share, fn, *args)
+            torch.set_num_threads(share)  # from this thread: its own passes take it up
+            return fn(*args)
         finally:
             with self._count_lock:
                 self._computing -= 1

@@ -87,12 +87,6 @@ def compute_streams(requested: int | None, device: str, threads: int | None = No
     return requested if requested is not None else 2 if on_cpu and threads >= 2 else 1
 
 
-def with_threads(threads: int, fn: Callable, *args):
-    """`fn(*args)` on `threads` intra-op threads (set from the thread that runs it)."""
-    torch.set_num_threads(threads)
-    return fn(*args)
-
-
 class Predictor:
     """Predictions and explanations from the current package; `reload` swaps packages."""
 
