@@ -135,14 +135,27 @@ async def _spin() -> None:
         await asyncio.sleep(0)
 
 
+async def _two_waves(model: HeldBatches, batcher: Batcher, first: int,
+                     second: int) -> tuple[list, list]:
+    """`first` calls, the batcher settled, `second` more, settled again: the batches running
+    then, and every call's result once all batches are released."""
+    calls = [asyncio.ensure_future(batcher(i)) for i in range(first)]
+    await _spin()
+    calls += [asyncio.ensure_future(batcher(i)) for i in range(first, first + second)]
+    await _spin()
+    running = [list(b) for b in model.batches]
+    for release in model.releases:
+        release.set()
+    return running, await asyncio.wait_for(asyncio.gather(*calls), 10)
+
+
 def test_with_two_streams_a_second_batch_runs_while_the_first_does():
     async def scenario():
         model = Model()
         model.hold = asyncio.Event()
         batcher = Batcher(model, max_batch_size=4, wait_s=30.0, streams=2)
         calls = [asyncio.ensure_future(batcher(i)) for i in range(12)]
-        for _ in range(20):  # both streams form their batches while neither is released
-            await asyncio.sleep(0)
+        await _spin()  # both streams form their batches while neither is released
         running = [list(b) for b in model.batches]
         model.hold.set()
         return running, model.batches, await asyncio.wait_for(asyncio.gather(*calls), 10)
@@ -156,16 +169,11 @@ def test_with_two_streams_a_second_batch_runs_while_the_first_does():
 def test_a_second_stream_waits_for_a_backlog_not_a_partial_batch():
     async def scenario():
         model = HeldBatches()
-        # no wait for a full batch: a free stream would take any waiting request at once
+        # no wait for a full batch: a free stream would take any waiting request at once.
+        # All 16 go in one batch, none split off for the idle stream; then 8 wait, under a
+        # full batch, and the idle stream leaves them until the batch ends.
         batcher = Batcher(model, max_batch_size=16, wait_s=0.0, streams=2)
-        calls = [asyncio.ensure_future(batcher(i)) for i in range(16)]
-        await _spin()  # all 16 in one batch, none split off for the idle stream
-        calls += [asyncio.ensure_future(batcher(i)) for i in range(16, 24)]
-        await _spin()  # 8 waiting, under a full batch: the idle stream leaves them
-        while_running = [list(b) for b in model.batches]
-        model.releases[0].set()  # the batch ends: the 8 go as with one stream
-        model.releases[1].set()
-        return while_running, await asyncio.wait_for(asyncio.gather(*calls), 10), model.batches
+        return (*await _two_waves(model, batcher, 16, 8), model.batches)
 
     while_running, results, batches = asyncio.run(scenario())
     assert while_running == [list(range(16))]
@@ -176,15 +184,9 @@ def test_a_second_stream_waits_for_a_backlog_not_a_partial_batch():
 def test_a_backlog_starts_a_second_batch_at_once_while_one_runs():
     async def scenario():
         model = HeldBatches()
+        # a full batch waits while one runs: the second stream takes it, no wait
         batcher = Batcher(model, max_batch_size=8, wait_s=30.0, streams=2)
-        calls = [asyncio.ensure_future(batcher(i)) for i in range(8)]
-        await _spin()
-        calls += [asyncio.ensure_future(batcher(i)) for i in range(8, 16)]
-        await _spin()  # a full batch waits: the second stream takes it, no wait
-        running = [list(b) for b in model.batches]
-        for release in model.releases:
-            release.set()
-        return running, await asyncio.wait_for(asyncio.gather(*calls), 10)
+        return await _two_waves(model, batcher, 8, 8)
 
     running, results = asyncio.run(scenario())
     assert running == [list(range(8)), list(range(8, 16))]
@@ -197,8 +199,7 @@ def test_one_stream_never_runs_two_batches_at_once():
         model.hold = asyncio.Event()
         batcher = Batcher(model, max_batch_size=4, wait_s=30.0, streams=1)
         calls = [asyncio.ensure_future(batcher(i)) for i in range(8)]
-        for _ in range(20):
-            await asyncio.sleep(0)
+        await _spin()
         running = [list(b) for b in model.batches]
         model.hold.set()
         await asyncio.wait_for(asyncio.gather(*calls), 10)
