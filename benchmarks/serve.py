@@ -3,7 +3,8 @@
 For each model (resnet18 at 64 px, and the demo's smallcnn at 64 px; untrained weights, which
 time the same as trained ones), a package is exported from a hand-made run folder and measured:
   limit        one process, no Ray or HTTP: preprocess + forward + OOD score of decoded 64 px
-               smears in batches of max_batch_size; the better of one pass on every core and
+               smears in batches of max_batch_size, on the frozen graph the service runs on
+               CPU (fedray.artifacts.package.freeze_for_cpu); the better of one pass on every core and
                --streams passes at once on an equal share each (the service may run either)
   batched      16 concurrent HTTP clients, POST /v1/predict (raw PNG), the Serve application of
                fedray.serving in the topology `fedray serve` deploys on CPU (combined: one
@@ -52,7 +53,7 @@ from fedray.data import synth
 from fedray.data.shards import decode_image
 from fedray.federation.messages import to_numpy
 from fedray.models import build_model
-from fedray.artifacts.package import export_package, load_package
+from fedray.artifacts.package import export_package, freeze_for_cpu, load_package
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -78,7 +79,7 @@ def limit_throughput(package_dir: Path, images: list[np.ndarray], batch: int,
 
     cpus = os.cpu_count() or 1
     torch.set_num_threads(max(1, cpus // streams))
-    package = load_package(package_dir)
+    package = freeze_for_cpu(load_package(package_dir))  # the graph the service runs on CPU
     chunk = [images[i % len(images)] for i in range(batch)]
     package.score(package.preprocess(chunk))  # warm-up
     done = [0] * streams

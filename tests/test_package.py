@@ -20,6 +20,7 @@ from fedray.artifacts.package import (
     _card_digest,
     config_hash,
     export_package,
+    freeze_for_cpu,
     load_package,
     sha256_file,
     verify_package,
@@ -70,6 +71,28 @@ def test_package_predicts_like_the_run_model(trained_run, package, shard_dir):
     scripted = load_package(package, runtime="torchscript")
     assert torch.allclose(scripted.predict_proba(batch), expected, atol=1e-4)
     assert pkg.card["torchscript"]["max_abs_diff"] <= 1e-4
+
+
+def test_frozen_cpu_graph_scores_like_the_eager_model(package, shard_dir):
+    """freeze_for_cpu (what the service runs on CPU) gives the eager model's probabilities and
+    OOD scores at any batch size, and keeps the eager module for explanations."""
+    eager = load_package(package)
+    frozen = freeze_for_cpu(eager)
+    assert frozen.frozen and not eager.frozen
+    assert isinstance(frozen.model, torch.jit.ScriptModule)
+    assert frozen.eager_model() is eager.model and frozen.runtime == "pytorch"
+    images = _test_images(shard_dir)
+    for n in (1, 5, len(images)):
+        batch = eager.preprocess(images[:n])
+        (p_eager, s_eager), (p_frozen, s_frozen) = eager.score(batch), frozen.score(batch)
+        assert p_frozen.shape == (n, len(eager.classes))
+        assert torch.allclose(p_frozen, p_eager, atol=1e-4)
+        assert (s_eager is None) == (s_frozen is None)
+        if s_eager is not None:
+            assert torch.allclose(s_frozen, s_eager, rtol=1e-4, atol=1e-4)
+    assert freeze_for_cpu(frozen) is frozen  # already frozen
+    scripted = load_package(package, runtime="torchscript")
+    assert freeze_for_cpu(scripted) is scripted  # a TorchScript package is served as it is
 
 
 def test_preprocess_matches_the_training_eval_transform(package, shard_dir):

@@ -31,7 +31,7 @@ import tempfile
 import time
 import warnings
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import TYPE_CHECKING, Any
 
@@ -102,6 +102,7 @@ class ModelPackage:
     device: torch.device
     _eager: nn.Module | None = field(default=None, repr=False)
     centroids: Tensor | None = field(default=None, repr=False)  # (classes, features)
+    frozen: bool = False  # model is freeze_for_cpu's graph of the eager model's outputs
 
     @property
     def ood_threshold(self) -> float | None:
@@ -174,7 +175,7 @@ class ModelPackage:
         import torch
 
         with torch.inference_mode():
-            if self.runtime == "torchscript":
+            if self.runtime == "torchscript" or self.frozen:
                 out = self.model(batch.to(self.device))
                 return (out[0], out[1]) if isinstance(out, (tuple, list)) else (out, None)
             return _logits_and_features(self.model, batch.to(self.device))
@@ -350,9 +351,8 @@ def _data_summary(run_dir: Path) -> dict[str, Any]:
     return {"note": "shards were made outside the run folder; counts not recorded"}
 
 
-def _script(model: nn.Module, image_size: int, path: Path) -> float:
-    """Trace to TorchScript (outputs: logits and penultimate features), save, reload and return
-    the largest difference from the PyTorch model's outputs."""
+def _scored(model: nn.Module) -> nn.Module:
+    """`model` as a module whose outputs are its logits and penultimate features."""
     import torch
 
     class Scored(torch.nn.Module):
@@ -363,11 +363,57 @@ def _script(model: nn.Module, image_size: int, path: Path) -> float:
         def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
             return _logits_and_features(self.inner, x)
 
+    return Scored(model)
+
+
+def freeze_for_cpu(package: ModelPackage) -> ModelPackage:
+    """The package with its forward pass as one frozen, inference-optimised TorchScript graph,
+    for serving on CPU; a package on another device or runtime comes back as it is.
+
+    An eager forward pass takes the GIL back after each of its ~100 operators, so beside a
+    busy event loop in the same process (a Serve replica that also does HTTP) it waits for the
+    loop at every one: a resnet18 pass at 64 px, batch 8, one thread, took 22 ms alone and 406
+    ms beside a Python-busy thread; the frozen graph 17 and 28 ms. Freezing also folds batch
+    norm into the convolutions and keeps their weights in oneDNN's layout, where an eager pass
+    reorders them every time. The graph is checked against the eager model on a probe batch
+    (PackageError past SCRIPT_TOLERANCE); eager_model() stays the PyTorch module, for
+    explanations.
+    """
+    import torch
+
+    if package.runtime != "pytorch" or package.frozen or package.device.type != "cpu":
+        return package
+    eager = package.model
+    size = package.image_size
+    gen = torch.Generator().manual_seed(0)
+    example = torch.randn(2, 3, size, size, generator=gen)
+    probe = torch.randn(3, 3, size, size, generator=gen)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated, still supported
+        try:
+            traced = torch.jit.trace(_scored(eager), example, check_trace=False).eval()
+            graph = torch.jit.optimize_for_inference(torch.jit.freeze(traced))
+            diff = max((a - b).abs().max().item()
+                       for a, b in zip(graph(probe), _logits_and_features(eager, probe)))
+        except Exception as exc:  # noqa: BLE001 - a model the tracer cannot take
+            raise PackageError(f"{package.path}: cannot freeze {package.backbone} for CPU "
+                               f"serving ({exc})") from exc
+    if not diff <= SCRIPT_TOLERANCE:
+        raise PackageError(f"{package.path}: the frozen graph differs from the PyTorch model by "
+                           f"{diff:.2e} (> {SCRIPT_TOLERANCE})")
+    return replace(package, model=graph, _eager=eager, frozen=True)
+
+
+def _script(model: nn.Module, image_size: int, path: Path) -> float:
+    """Trace to TorchScript (outputs: logits and penultimate features), save, reload and return
+    the largest difference from the PyTorch model's outputs."""
+    import torch
+
     gen = torch.Generator().manual_seed(0)
     example = torch.randn(2, 3, image_size, image_size, generator=gen)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated, still supported
-        traced = torch.jit.trace(Scored(model), example, check_trace=False)
+        traced = torch.jit.trace(_scored(model), example, check_trace=False)
         traced.save(str(path))
         probe = torch.randn(3, 3, image_size, image_size, generator=gen)
         reloaded = torch.jit.load(str(path), map_location="cpu").eval()

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from fedray.artifacts.package import ModelPackage, PackageError, load_package
+from fedray.artifacts.package import ModelPackage, PackageError, freeze_for_cpu, load_package
 
 logger = logging.getLogger(__name__)
 
@@ -91,8 +91,10 @@ class Predictor:
     """Predictions and explanations from the current package; `reload` swaps packages."""
 
     def __init__(self, uri: str, *, runtime: str = "pytorch", device: str = "cpu",
-                 loader: Loader = load_package) -> None:
+                 loader: Loader = load_package, freeze: bool = True) -> None:
+        """`freeze`: on CPU, serve the eager model as a frozen graph (freeze_for_cpu)."""
         self.runtime = runtime
+        self.freeze = freeze
         self.device = device
         self._loader = loader
         self._served = self.load(uri)
@@ -117,6 +119,8 @@ class Predictor:
     def load(self, uri: str) -> Served:
         """A checked, ready package (not yet served); PackageError naming what is wrong."""
         package = self._loader(uri, runtime=self.runtime, device=self.device)
+        if self.freeze:
+            package = freeze_for_cpu(package)
         served = Served(uri=str(uri), package=package)
         served.check()
         return served
@@ -166,5 +170,6 @@ class Predictor:
         p = served.package
         return {"model": served.ref(), "package": served.uri, "backbone": p.backbone,
                 "classes": list(p.classes), "image_size": p.image_size, "runtime": p.runtime,
+                "frozen": p.frozen,
                 "device": str(p.device), "loaded_at": served.loaded_at,
                 "last_reload": self.last_reload, "card": p.card}

@@ -47,6 +47,8 @@ class ModelInfo(BaseModel):
     classes: list[str]
     image_size: int
     runtime: str
+    frozen: bool = Field(False, description="the eager model served as a frozen TorchScript "
+                         "graph (CPU)")
     device: str
     loaded_at: float
     last_reload: ReloadStatus | None = None
