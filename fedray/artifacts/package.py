@@ -372,8 +372,9 @@ def freeze_for_cpu(package: ModelPackage) -> ModelPackage:
 
     An eager forward pass takes the GIL back after each of its ~100 operators, so beside a
     busy event loop in the same process (a Serve replica that also does HTTP) it waits for the
-    loop at every one: a resnet18 pass at 64 px, batch 8, one thread, took 22 ms alone and 406
-    ms beside a Python-busy thread; the frozen graph 17 and 28 ms. Freezing also folds batch
+    loop at every one: a resnet18 pass at 64 px, batch 8, one thread, took 18 ms alone and 355
+    ms beside a Python-busy thread; the frozen graph 15 and 25 ms (benchmarks/gil_convoy.py,
+    benchmarks/results/gil_convoy.json). Freezing also folds batch
     norm into the convolutions and keeps their weights in oneDNN's layout, where an eager pass
     reorders them every time. The graph is checked against the eager model on a probe batch
     (PackageError past SCRIPT_TOLERANCE); eager_model() stays the PyTorch module, for

@@ -17,9 +17,9 @@ With `streams` above one, up to that many batches run at once. A second batch st
 one runs only when a full batch is waiting (a backlog). Sixteen clients of one image each then
 still run as one batch of 16 on every thread; splitting them into two cohorts of 8 was no
 faster. A deeper queue, or requests of many images (/v1/predict/batch), use the streams: on
-2 cores (resnet18, 64 px), two single-threaded passes of 16 images did 1.8x the images per
+2 cores (resnet18, 64 px), two single-threaded passes of 16 images did 1.3x the images per
 second of one pass on both cores, and with two streams the service's batch route reached 0.74x
-of the limit against 0.48x with one, 64 one-image clients 0.57x against 0.41x
+of the limit against 0.51x with one, 64 one-image clients 0.58x against 0.44x
 (benchmarks/results/serve_haproxy*).
 """
 
