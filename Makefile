@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install demo test bench bench-peers clean
+.PHONY: install demo test bench bench-peers gpu-wheels clean
 
 install: $(STAMP)
 
@@ -43,6 +43,19 @@ $(PEERS_STAMP): benchmarks/peers/requirements.txt
 
 bench-peers: install $(PEERS_STAMP)
 	$(BIN)/python benchmarks/federation.py --peers $(PEERS)
+
+# The wheels benchmarks/gpu.sh installs on a GPU machine with CUDA torch and no network: what
+# fedray's training and DP code needs beyond torch, at this environment's versions, for that
+# machine's Python (GPU_PYTHON).
+GPU_PYTHON ?= 3.12
+GPU_WHEELS ?= .gpu-wheels
+GPU_NEEDS  := opacus pydantic pydantic-core annotated-types typing-inspection
+
+gpu-wheels: install
+	$(BIN)/pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
+		--python-version $(GPU_PYTHON) --implementation cp --platform manylinux_2_17_x86_64 \
+		--platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 -d $(GPU_WHEELS) \
+		$$($(BIN)/python -c "import importlib.metadata as m; print(' '.join(f'{n}=={m.version(n)}' for n in '$(GPU_NEEDS)'.split()))")
 
 clean:
 	rm -rf runs .pytest_cache
