@@ -45,17 +45,13 @@ bench-peers: install $(PEERS_STAMP)
 	$(BIN)/python benchmarks/federation.py --peers $(PEERS)
 
 # The wheels benchmarks/gpu.sh installs on a GPU machine with CUDA torch and no network: what
-# fedray's training and DP code needs beyond torch, at this environment's versions, for that
-# machine's Python (GPU_PYTHON).
+# fedray's training, DP and serving code needs beyond that machine's image, at this
+# environment's versions, for that machine's Python (GPU_PYTHON); Ray without its Java workers.
 GPU_PYTHON ?= 3.12
 GPU_WHEELS ?= .gpu-wheels
-GPU_NEEDS  := opacus pydantic pydantic-core annotated-types typing-inspection
 
 gpu-wheels: install
-	$(BIN)/pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
-		--python-version $(GPU_PYTHON) --implementation cp --platform manylinux_2_17_x86_64 \
-		--platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 -d $(GPU_WHEELS) \
-		$$($(BIN)/python -c "import importlib.metadata as m; print(' '.join(f'{n}=={m.version(n)}' for n in '$(GPU_NEEDS)'.split()))")
+	$(BIN)/python benchmarks/gpu_wheels.py --output $(GPU_WHEELS) --python $(GPU_PYTHON)
 
 clean:
 	rm -rf runs .pytest_cache
