@@ -58,13 +58,18 @@ def timed(cmd: list[str], log: Path, timeout: float) -> float:
 
 
 def stop(proc: subprocess.Popen) -> None:
-    """Ctrl-C to `proc`'s process group (a run or service shuts its Ray down), then kill."""
-    os.killpg(proc.pid, signal.SIGINT)
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    """Ctrl-C to `proc`'s process group (a run or service shuts its Ray down), then SIGTERM
+    (where Ctrl-C is ignored, as in a shell's background job), then kill."""
+    for sig, wait in ((signal.SIGINT, 20), (signal.SIGTERM, 20), (signal.SIGKILL, None)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(timeout=wait)
+            break
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def rounds_of(run_dir: Path) -> list[dict]:

@@ -9,7 +9,8 @@ time the same as trained ones), a package is exported from a hand-made run folde
   batched      16 concurrent HTTP clients, POST /v1/predict (raw PNG), the Serve application of
                fedray.serving in the topology `fedray serve` deploys on CPU (combined: one
                Service deployment, fedray's Batcher in-process, no handle hop), with the
-               replica on every CPU, as `fedray serve` gives it where it starts Ray
+               replicas `fedray serve` starts where it starts Ray (one on every CPU; behind
+               HAProxy on 2 or more cores, two on half the CPUs each; --replicas to choose)
   split        the same clients against the split topology (Ingress + Model deployments)
   batch route  the same application and clients, POST /v1/predict/batch with 16 images per
                request (multipart): images per second
@@ -182,7 +183,7 @@ def serve_throughput(package_dir: Path, bodies: list[bytes], args: argparse.Name
                      limit: Callable[[], float] | None = None) -> dict:
     from ray import serve
 
-    from fedray.serving import parse_args
+    from fedray.serving import local_replicas, parse_args
     from fedray.serving.deployments import application
 
     serve_args = parse_args({"package": str(package_dir), "device": "cpu",
@@ -190,18 +191,25 @@ def serve_throughput(package_dir: Path, bodies: list[bytes], args: argparse.Name
                              "batch_wait_timeout_s": args.batch_wait_timeout_s,
                              "topology": topology})
     cpus = os.cpu_count() or 1
+    replicas = args.replicas or local_replicas(argparse.Namespace(
+        replicas=None, min_replicas=None, max_replicas=None, device="cpu",
+        ingress="haproxy" if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1" else "proxy"),
+        cpus, topology)
     app = application(serve_args, model_options={
-        "ray_actor_options": {"num_cpus": cpus, "num_gpus": 0},
+        "ray_actor_options": {"num_cpus": cpus / replicas, "num_gpus": 0},
+        "num_replicas": replicas,
         "max_ongoing_requests": max(2 * max_batch_size, 2 * args.clients)})
     serve.run(app, name="bench", route_prefix="/", blocking=False,
               logging_config={"enable_access_log": args.access_log})
     url = f"http://127.0.0.1:{port}/v1/predict"
+    out: dict = {"replicas": replicas}
     try:
         http_throughput(url, bodies, args.clients, min(2.0, args.seconds))  # warm-up
         if limit is None:
-            return {"img_s": http_throughput(url, bodies, args.clients, args.seconds)}
-        out = {"single": paired(limit, lambda: http_throughput(
-            url, bodies, args.clients, args.seconds), args.repeats)}
+            out["img_s"] = http_throughput(url, bodies, args.clients, args.seconds)
+            return out
+        out["single"] = paired(limit, lambda: http_throughput(
+            url, bodies, args.clients, args.seconds), args.repeats)
         out["batch_route"] = paired(limit, lambda: http_throughput(
             f"{url}/batch", bodies, args.clients, args.seconds, args.images_per_request),
             args.repeats)
@@ -233,6 +241,9 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=None,
                         help="the service's compute streams (default: the service's own, 2 on "
                              "a CPU); the limit is the better of 1 stream and max(2, this)")
+    parser.add_argument("--replicas", type=int, default=None,
+                        help="service replicas, each on an equal share of the CPUs (default: "
+                             "as `fedray serve` starts them, fedray.serving.local_replicas)")
     parser.add_argument("--latency-requests", type=int, default=200)
     parser.add_argument("--images-per-request", type=int, default=16,
                         help="images in each POST /v1/predict/batch (at most max_batch_images)")
@@ -289,6 +300,7 @@ def main() -> None:
                 split = serve_throughput(package, bodies, args, args.max_batch_size, port,
                                          latency=False, topology="split")
                 row = {"limit_img_s": limit_img_s, "limit_streams": best,
+                       "replicas": batched["replicas"], "split_replicas": split["replicas"],
                        "limit_one_stream_img_s": one_stream,
                        f"limit_{streams}_streams_img_s": many,
                        "batched_img_s": single["img_s"],
@@ -317,7 +329,7 @@ def main() -> None:
     result = {"models": results,
               "workload": {k: v for k, v in vars(args).items() if k in (
                   "size", "clients", "seconds", "limit_seconds", "repeats", "max_batch_size",
-                  "batch_wait_timeout_s", "streams",
+                  "batch_wait_timeout_s", "streams", "replicas",
                   "latency_requests", "images_per_request", "access_log", "env")},
               "command": "python benchmarks/serve.py " + " ".join(sys.argv[1:]),
               "serve_environment": environment,

@@ -660,6 +660,28 @@ def test_model_cpus_default_to_this_commands_ray_shared_by_the_replicas():
         model_cpus(flags(model_cpus=0.0), 2.0)
 
 
+def test_two_replicas_by_default_behind_haproxy_on_a_cpu_of_two_cores():
+    import argparse
+
+    from fedray.serving import local_replicas, model_cpus
+
+    def flags(**given):
+        return argparse.Namespace(**{"replicas": None, "min_replicas": None,
+                                     "max_replicas": None, "model_cpus": None,
+                                     "ingress": "haproxy", "device": "cpu", **given})
+
+    assert local_replicas(flags(), 2.0, "combined") == 2
+    assert model_cpus(flags(), 2.0, replicas=2) == 1.0  # half the CPUs each
+    assert local_replicas(flags(device="auto"), 8.0, "combined") == 2  # auto: no GPU asked
+    assert local_replicas(flags(), 1.0, "combined") == 1  # one core: one loop is enough
+    assert local_replicas(flags(ingress="proxy"), 8.0, "combined") == 1  # the proxy bounds
+    assert local_replicas(flags(device="cuda"), 8.0, "combined") == 1
+    assert local_replicas(flags(), 8.0, "split") == 1  # the Ingress takes HTTP there
+    for given in ({"replicas": 3}, {"min_replicas": 1}, {"max_replicas": 4}):
+        assert local_replicas(flags(**given), 8.0, "combined") is None  # the user's choice
+    assert model_cpus(flags(replicas=3), 8.0, replicas=None) == 2.0
+
+
 def test_compute_streams_default_to_two_on_a_cpu_with_threads_to_share():
     from fedray.serving.predictor import compute_streams
 

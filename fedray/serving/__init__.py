@@ -48,7 +48,9 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
                        help="answer 504 to a request not done within this many seconds")
     serve.add_argument("--min-image-side", type=int, default=32,
                        help="refuse images with a shorter side (422 image_too_small)")
-    serve.add_argument("--replicas", type=int, help="fixed number of Model replicas (default 1)")
+    serve.add_argument("--replicas", type=int,
+                       help="fixed number of Model replicas (default 1; 2 with --ingress "
+                            "haproxy on a CPU of 2 or more cores, see local_replicas)")
     serve.add_argument("--min-replicas", type=int, help="autoscale Model replicas from this ...")
     serve.add_argument("--max-replicas", type=int, help="... to this")
     serve.add_argument("--model-cpus", type=float, default=None,
@@ -107,18 +109,39 @@ def _model_scaling(args: argparse.Namespace) -> dict:
     return options
 
 
-def model_cpus(args: argparse.Namespace, local_cpus: float | None, split: bool = False) -> float:
+def local_replicas(args: argparse.Namespace, local_cpus: float, topology: str) -> int | None:
+    """Model replicas where this command starts Ray and no replica flag was given (None where
+    one was): two with the HAProxy ingress on a CPU of 2 or more cores in the combined
+    topology, else one.
+
+    Behind HAProxy each combined replica takes HTTP on its own event loop, and one loop's
+    per-request work, run one request after another while a cohort of one-image requests
+    comes back, bounds the images per second. Two replicas of half the CPUs each run two
+    loops at once, and their batches of 8 on one thread each do more images per second than
+    one batch of 16 on both (benchmarks/results/serve_haproxy.json: 16 one-image clients on
+    2 cores). Through Serve's Python proxy the proxy is the bound, and two replicas gained
+    nothing, so the default stays one there."""
+    if any(getattr(args, flag) is not None for flag in ("replicas", "min_replicas",
+                                                       "max_replicas")):
+        return None
+    cpu = args.device != "cuda"
+    return 2 if args.ingress == "haproxy" and cpu and topology == "combined" \
+        and local_cpus >= 2 else 1
+
+
+def model_cpus(args: argparse.Namespace, local_cpus: float | None, split: bool = False,
+               replicas: int | None = None) -> float:
     """CPUs per Model replica: --model-cpus, else, on a Ray of `local_cpus` CPUs that this
-    command started, an equal share for each replica (at most --replicas or --max-replicas of
-    them) of those CPUs, less one for the Ingress in the split topology; else 1. Ray gives a
-    replica as many torch threads as whole CPUs."""
+    command started, an equal share for each replica (`replicas`, else at most --replicas or
+    --max-replicas of them) of those CPUs, less one for the Ingress in the split topology;
+    else 1. Ray gives a replica as many torch threads as whole CPUs."""
     if args.model_cpus is not None:
         if args.model_cpus <= 0:
             raise ValueError(f"--model-cpus must be > 0, got {args.model_cpus}")
         return args.model_cpus
     if local_cpus is None:
         return 1.0
-    replicas = args.replicas or args.max_replicas or 1
+    replicas = replicas or args.replicas or args.max_replicas or 1
     return float(max(1, (int(local_cpus) - (1 if split else 0)) // replicas))
 
 
@@ -216,8 +239,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if starts_ray:
         auth_token(serve_args)  # replicas inherit this environment: fail before Ray starts
         ray.init(include_dashboard=False, configure_logging=False)
+        cpus = ray.cluster_resources().get("CPU", 1)
+        replicas = local_replicas(args, cpus, serve_args.topology)
+        if replicas is not None:
+            model_options["num_replicas"] = replicas
         model_options["ray_actor_options"]["num_cpus"] = model_cpus(
-            args, ray.cluster_resources().get("CPU", 1), split=serve_args.topology == "split")
+            args, cpus, split=serve_args.topology == "split", replicas=replicas)
     elif not ray.is_initialized():
         ray.init(address=os.environ["RAY_ADDRESS"])
     from fedray.federation import hosts

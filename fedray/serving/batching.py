@@ -18,9 +18,9 @@ one runs only when a full batch is waiting (a backlog). Sixteen clients of one i
 still run as one batch of 16 on every thread; splitting them into two cohorts of 8 was no
 faster. A deeper queue, or requests of many images (/v1/predict/batch), use the streams: on
 2 cores (resnet18, 64 px), two single-threaded passes of 16 images did 1.3x the images per
-second of one pass on both cores, and with two streams the service's batch route reached 0.74x
-of the limit against 0.51x with one, 64 one-image clients 0.58x against 0.44x
-(benchmarks/results/serve_haproxy*).
+second of one pass on both cores, and with two streams 64 clients of the service's batch
+route reached 0.74x of the limit against 0.50x with one, and 64 one-image clients 0.58x
+against 0.44x (benchmarks/results/serve_haproxy_64_clients*.json).
 """
 
 from __future__ import annotations
