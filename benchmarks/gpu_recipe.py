@@ -86,7 +86,7 @@ def recipe(args: argparse.Namespace, work: Path, result: dict) -> Path:
     synth_s = timed(FEDRAY + ["data", "synth", "--output", str(data), "--n", str(args.n),
                               "--size", str(args.size), "--workers", str(args.synth_workers)],
                     work / "synth.log", args.timeout)
-    overrides = [f"data.source=folder", f"data.path={data}", f"data.image_size={args.size}",
+    overrides = ["data.source=folder", f"data.path={data}", f"data.image_size={args.size}",
                  f"model.backbone={args.backbone}", "model.pretrained=false",
                  f"federation.hospitals={args.hospitals}", f"federation.rounds={args.rounds}",
                  f"training.local_epochs={args.local_epochs}",
