@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
+sys.path.insert(0, str(RESULTS.parent))  # benchmarks/serve.py's package, port and clients
 ROOT = Path(__file__).resolve().parent.parent
 FEDRAY = [sys.executable, "-m", "fedray.cli"]
 
@@ -115,8 +116,8 @@ def summarise(run_dir: Path, args: argparse.Namespace, out: dict) -> None:
     startup_file, final_file = run_dir / "startup.json", run_dir / "metrics.json"
     startup = json.loads(startup_file.read_text()) if startup_file.is_file() else {}
     final = json.loads(final_file.read_text()) if final_file.is_file() else {}
-    hospital_fit = [max(h["seconds"] for h in r["hospitals"].values() if "seconds" in h)
-                    for r in rounds if r["hospitals"]]
+    fits = [[h["seconds"] for h in r["hospitals"].values() if "seconds" in h] for r in rounds]
+    hospital_fit = [max(f) for f in fits if f]  # rounds where some hospital trained
     train_rows = rounds[0]["num_samples"] if rounds else 0  # every hospital's training split
     out.update({"rounds_run": len(rounds),
            "to_first_round_s": startup.get("to_first_round_s"),
@@ -156,21 +157,12 @@ def limit(package_dir: Path, args: argparse.Namespace, bodies: list[bytes]) -> f
     return done / elapsed
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def serving(package_dir: Path, args: argparse.Namespace, bodies: list[bytes], work: Path) -> dict:
     import requests
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from serve import http_throughput, latency_ms  # benchmarks/serve.py's clients
+    from serve import _free_port, http_throughput, latency_ms
 
-    port = free_port()
+    port = _free_port()
     cmd = FEDRAY + ["serve", str(package_dir), "--device", args.device, "--port", str(port),
                     "--max-batch-size", str(args.max_batch_size)]
     log = (work / "serve.log").open("w")
@@ -261,7 +253,6 @@ def main() -> None:
         result["package"] = "the run's"
     except Exception as exc:  # noqa: BLE001  (recorded; serving is timed on fresh weights)
         errors["recipe"] = f"{type(exc).__name__}: {exc}"
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
         from serve import make_package  # an untrained package times as a trained one
 
         package_dir = make_package(work / "fresh", args.backbone, args.size)
