@@ -189,6 +189,8 @@ def serve_throughput(package_dir: Path, bodies: list[bytes], args: argparse.Name
     serve_args = parse_args({"package": str(package_dir), "device": "cpu",
                              "max_batch_size": max_batch_size, "streams": args.streams,
                              "batch_wait_timeout_s": args.batch_wait_timeout_s,
+                             "batch_quiet_s": None if args.batch_quiet_s < 0
+                             else args.batch_quiet_s,
                              "topology": topology})
     cpus = os.cpu_count() or 1
     replicas = args.replicas or local_replicas(argparse.Namespace(
@@ -238,6 +240,8 @@ def main() -> None:
                         help="(limit, HTTP) pairs per figure; ratios are their medians")
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--batch-wait-timeout-s", type=float, default=0.005)
+    parser.add_argument("--batch-quiet-s", type=float, default=0.002,
+                        help="the service's batch_quiet_s (a negative value: none)")
     parser.add_argument("--streams", type=int, default=None,
                         help="the service's compute streams (default: the service's own, 2 on "
                              "a CPU); the limit is the better of 1 stream and max(2, this)")
@@ -329,7 +333,7 @@ def main() -> None:
     result = {"models": results,
               "workload": {k: v for k, v in vars(args).items() if k in (
                   "size", "clients", "seconds", "limit_seconds", "repeats", "max_batch_size",
-                  "batch_wait_timeout_s", "streams", "replicas",
+                  "batch_wait_timeout_s", "batch_quiet_s", "streams", "replicas",
                   "latency_requests", "images_per_request", "access_log", "env")},
               "command": "python benchmarks/serve.py " + " ".join(sys.argv[1:]),
               "serve_environment": environment,

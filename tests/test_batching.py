@@ -246,3 +246,25 @@ def test_callers_that_gave_up_are_no_backlog():
     running, results, batches = asyncio.run(scenario())
     assert running == [[0, 1]]
     assert batches == [[0, 1], [3]] and results == [0, 10, 30]
+
+
+def test_a_partial_batch_goes_once_no_request_has_come_for_quiet_s():
+    async def scenario():
+        model = Model()
+        # with a 30 s wait, only the quiet rule lets this partial batch go within the test
+        batcher = Batcher(model, max_batch_size=16, wait_s=30.0, quiet_s=0.01)
+        results = await asyncio.wait_for(asyncio.gather(*(batcher(i) for i in range(3))), 10)
+        return results, model.batches
+
+    results, batches = asyncio.run(scenario())
+    assert results == [0, 10, 20] and batches == [[0, 1, 2]]
+
+
+def test_a_partial_batch_closes_at_the_earlier_of_its_wait_and_its_quiet_time():
+    batcher = Batcher(Model(), max_batch_size=16, wait_s=0.005, quiet_s=0.002)
+    assert batcher.closes_at(first=10.0, last=10.001) == pytest.approx(10.003)
+    assert batcher.closes_at(first=10.0, last=10.004) == pytest.approx(10.005)  # the wait caps
+    batcher.configure(16, 0.005, None)  # no quiet rule: all of the wait
+    assert batcher.closes_at(first=10.0, last=10.0) == pytest.approx(10.005)
+    with pytest.raises(ValueError, match="quiet_s"):
+        batcher.configure(16, 0.005, -0.001)

@@ -590,6 +590,19 @@ def test_a_stalled_upload_or_model_gets_504_and_the_model_call_is_cancelled(smea
     assert call.cancelled
 
 
+def test_user_config_sets_or_clears_the_batch_quiet_time(packages):
+    from fedray.serving.deployments import Model
+
+    model = Model.func_or_class({"package": str(packages["a"]), "device": "cpu",
+                                 "batch_quiet_s": 0.003})
+    asyncio.run(model.reconfigure({}))
+    assert model._batcher.quiet_s == 0.003  # the args' value
+    asyncio.run(model.reconfigure({"batch_quiet_s": None}))
+    assert model._batcher.quiet_s is None  # no quiet rule
+    asyncio.run(model.reconfigure({"batch_quiet_s": 0.0005}))
+    assert model._batcher.quiet_s == 0.0005
+
+
 def test_a_combined_service_checks_decodes_and_predicts_in_one_object(packages, in_process,
                                                                      smears):
     """topology: combined, outside Serve as Serve drives it: reconfigure loads the package, then

@@ -44,6 +44,8 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--runtime", choices=["pytorch", "torchscript"], default="pytorch")
     serve.add_argument("--max-batch-size", type=int, default=16)
     serve.add_argument("--batch-wait-timeout-s", type=float, default=0.005)
+    serve.add_argument("--batch-quiet-s", type=float, default=0.002,
+                       help="a partial batch goes once no request has arrived for this long")
     serve.add_argument("--request-timeout-s", type=float, default=30.0,
                        help="answer 504 to a request not done within this many seconds")
     serve.add_argument("--min-image-side", type=int, default=32,
@@ -210,7 +212,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     serve_args = parse_args({
         "package": local_uri(args.package), "device": args.device, "runtime": args.runtime,
         "max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait_timeout_s,
-        "auth_token_env": args.auth_token_env,
+        "batch_quiet_s": args.batch_quiet_s, "auth_token_env": args.auth_token_env,
         "allow_unauthenticated": args.allow_unauthenticated,
         "request_timeout_s": args.request_timeout_s, "min_image_side": args.min_image_side,
         "topology": topology(args)})

@@ -24,6 +24,9 @@ class ServeArgs(BaseModel):
     runtime: Literal["pytorch", "torchscript"] = "pytorch"
     max_batch_size: int = Field(16, ge=1, le=1024, description="most images per forward pass")
     batch_wait_timeout_s: float = Field(0.005, ge=0, le=1, description="longest batch fill wait")
+    batch_quiet_s: float | None = Field(
+        0.002, ge=0, le=1, description="a partial batch goes once no request has arrived for "
+                                       "this long (null: it waits all of batch_wait_timeout_s)")
     streams: int | None = Field(None, ge=1, le=64, description="batches the model runs at once: "
                                 "another starts while one runs only when a full batch waits, "
                                 "and each gets an equal share of the replica's threads among "

@@ -94,6 +94,7 @@ class ModelUserConfig(BaseModel):
     package: str | None = Field(None, description="serve this package (default: args.package)")
     max_batch_size: int | None = Field(None, ge=1, le=1024)
     batch_wait_timeout_s: float | None = Field(None, ge=0, le=1)
+    batch_quiet_s: float | None = Field(None, ge=0, le=1)
 
 
 @serve.deployment(name="Model")
@@ -120,7 +121,8 @@ class Model:
                                            thread_name_prefix="fedray-model")
         self._explaining = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedray-explain")
         self._batcher = Batcher(self.predict_many, self._args.max_batch_size,
-                                self._args.batch_wait_timeout_s, streams=self.streams)
+                                self._args.batch_wait_timeout_s, streams=self.streams,
+                                quiet_s=self._args.batch_quiet_s)
 
     async def _run(self, fn, *args: Any, pool: ThreadPoolExecutor | None = None) -> Any:
         loop = asyncio.get_running_loop()
@@ -189,7 +191,9 @@ class Model:
         self._batcher.configure(
             args.max_batch_size if config.max_batch_size is None else config.max_batch_size,
             args.batch_wait_timeout_s if config.batch_wait_timeout_s is None
-            else config.batch_wait_timeout_s)
+            else config.batch_wait_timeout_s,
+            args.batch_quiet_s if "batch_quiet_s" not in config.model_fields_set
+            else config.batch_quiet_s)
         await self._load(config.package or args.package)
         return None
 
