@@ -372,6 +372,27 @@ def _refusal(data: bytes) -> tuple[str, int, str]:
     return caught.value.code, caught.value.status, caught.value.detail
 
 
+def test_small_images_decode_in_place_as_in_a_thread_and_larger_ones_are_left(smears):
+    from fedray.serving.images import RequestError, Upload, decode_small, decode_upload
+
+    limits = _limits()
+    small = Upload("s.png", smears[0])  # 48 x 48
+    np.testing.assert_array_equal(decode_small(small, limits, 32).model_input,
+                                  decode_upload(small, limits, 32).model_input)
+    large = Upload("l.png", _png(np.full((200, 200, 3), 90, np.uint8)))
+    assert decode_small(large, limits, 32) is None  # 40,000 pixels: for a thread
+    assert decode_small(large, limits, 32, most_pixels=200 * 200) is not None
+    for bad in (b"", b"hello, not an image", smears[0][: len(smears[0]) // 2],
+                _png(np.zeros((20, 200, 3), np.uint8)), _frames("red", "blue", fmt="PNG"),
+                b"\x89PNG" + bytes(300)):
+        with pytest.raises(RequestError) as threaded:
+            decode_upload(Upload("x.png", bad), limits, 32)
+        with pytest.raises(RequestError) as in_place:
+            decode_small(Upload("x.png", bad), limits, 32)
+        assert (in_place.value.code, in_place.value.status, in_place.value.detail) == \
+            (threaded.value.code, threaded.value.status, threaded.value.detail)
+
+
 def test_high_bit_depth_images_are_scaled_not_clipped():
     from fedray.data.shards import decode_image
 

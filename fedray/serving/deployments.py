@@ -33,6 +33,7 @@ arrives.
 import asyncio
 import base64
 import hmac
+import inspect
 import io
 import logging
 import threading
@@ -61,7 +62,14 @@ from fedray import __version__
 from fedray.config import format_validation_error
 from fedray.serving.args import EXPLAIN_METHODS, ServeArgs, auth_token, parse_args
 from fedray.serving.batching import Batcher
-from fedray.serving.images import ACCEPTED_TYPES, Limits, RequestError, Upload, decode_upload
+from fedray.serving.images import (
+    ACCEPTED_TYPES,
+    Limits,
+    RequestError,
+    Upload,
+    decode_small,
+    decode_upload,
+)
 from fedray.serving.schemas import ErrorBody, Explanation, Health, ModelInfo, Prediction, Ready
 from fedray.serving.uploads import batch_parts, single_upload
 
@@ -316,16 +324,21 @@ def _ms(start: float) -> float:
 
 
 class _LocalResponse:
-    """A call on the Model object in this replica, awaited and cancelled as a handle's is."""
+    """A call on the Model object in this replica, awaited and cancelled as a handle's is.
+
+    The call runs in the awaiting task (no task of its own per request), so a caller that
+    stops waiting cancels it; cancel() drops a call not yet awaited.
+    """
 
     def __init__(self, work) -> None:
-        self._task = asyncio.ensure_future(work)
+        self._work = work
 
     def __await__(self):
-        return self._task.__await__()
+        return self._work.__await__()
 
     def cancel(self) -> None:
-        self._task.cancel()
+        if inspect.getcoroutinestate(self._work) == inspect.CORO_CREATED:
+            self._work.close()
 
 
 class _LocalMethod:
@@ -394,9 +407,13 @@ class Ingress:
         """`work`'s result, or 504 request_timeout once args.request_timeout_s has passed
         (the body still arriving, decoding or the model: the whole request counts)."""
         limit = self._args.request_timeout_s
+        deadline = asyncio.timeout(limit)  # in this task: no task of its own per request
         try:
-            return await asyncio.wait_for(work, limit)
+            async with deadline:
+                return await work
         except TimeoutError:
+            if not deadline.expired():
+                raise
             raise RequestError("request_timeout", f"{route}: not answered within "
                                f"request_timeout_s = {limit:g} s (a slow upload counts too)",
                                504) from None
@@ -438,7 +455,13 @@ class Ingress:
 
     async def _predict(self, request: Request, start: float) -> dict:
         upload = await single_upload(request, self._limits)
-        image = await asyncio.to_thread(decode_upload, upload, self._limits, await self._size())
+        size = await self._size()
+        # A small image costs less to decode here than the hop to a thread and back: on a
+        # busy CPU the thread waits for the event loop's GIL, about 4 ms per request measured
+        # at 16 clients (64 px PNGs, 2 cores).
+        image = decode_small(upload, self._limits, size)
+        if image is None:
+            image = await asyncio.to_thread(decode_upload, upload, self._limits, size)
         del upload  # its bytes are not needed past the decode
         result = await self._ask(self._model.predict.remote(image.model_input))
         return self._prediction(result, start)
@@ -518,6 +541,8 @@ class Ingress:
                            "bearer token for details)")
             return _error(503, "swap_refused", detail)
         return {"status": "ready", "model": ready["model"] if detailed else None}
+
+
 
 
 # --------------------------------------------------------------------------- application

@@ -61,8 +61,27 @@ def media_type(header: str | None) -> str:
     return (header or "").split(";", 1)[0].strip().lower()
 
 
+INLINE_DECODE_PIXELS = 128 * 128
+
+
+class _Larger(Exception):
+    """The image has more pixels than the caller decodes in place."""
+
+
+def decode_small(upload: Upload, limits: Limits, size: int,
+                 most_pixels: int = INLINE_DECODE_PIXELS) -> Decoded | None:
+    """decode_upload for an image of at most `most_pixels`, cheap enough to decode on an
+    event loop (about 0.2 ms for a 64 px PNG); None, nothing decoded, for a larger one (hand
+    it to decode_upload in a thread). Anything unusable is refused as decode_upload refuses it.
+    """
+    try:
+        return decode_upload(upload, limits, size, _most_pixels=most_pixels)
+    except _Larger:
+        return None
+
+
 def decode_upload(upload: Upload, limits: Limits, size: int,
-                  display_max: int | None = None) -> Decoded:
+                  display_max: int | None = None, *, _most_pixels: int | None = None) -> Decoded:
     """The upload as model input (and a display copy); RequestError for anything unusable."""
     name, data = upload.name, upload.data
     if not data:
@@ -83,10 +102,12 @@ def decode_upload(upload: Upload, limits: Limits, size: int,
             raise RequestError("image_too_small", f"{name}: {width}x{height} pixels, a side "
                                f"under the minimum of {limits.min_side}: too little of a smear "
                                "to classify", 422)
+        if _most_pixels is not None and width * height > _most_pixels:
+            raise _Larger
 
     try:
         rgb = open_rgb(data, formats=PIL_FORMATS, check=check)
-    except RequestError:
+    except (RequestError, _Larger):
         raise
     except DecodeError as exc:
         raise RequestError(exc.code, f"{name}: {exc.detail}", 422) from None
