@@ -611,6 +611,111 @@ def test_a_stalled_upload_or_model_gets_504_and_the_model_call_is_cancelled(smea
     assert call.cancelled
 
 
+class _FastPathIngress:
+    """A stand-in Ingress: what the fast path asks of the replica's servable object."""
+
+    BODY = {"probabilities": {"Benign": 0.75, "Pro": 0.25}, "predicted": "Benign",
+            "abstain": False, "model": {"name": "m", "version": "1", "hash": "h"},
+            "latency_ms": 1.5, "image_size": 32}  # a key the Prediction schema drops
+
+    def __init__(self) -> None:
+        self.bodies: list[bytes] = []
+
+    async def predict(self, request) -> dict:
+        from fedray.serving.images import RequestError
+
+        body = await request.body()
+        self.bodies.append(body)
+        if body == b"no token":
+            raise RequestError("unauthorized", "missing or wrong bearer token", 401)
+        if body == b"crash":
+            raise KeyError("boom")
+        return dict(self.BODY)
+
+
+def _asgi_call(app, method: str, path: str, content_type: str | None, body: bytes = b"",
+               root_path: str = "") -> tuple[int, dict, bytes]:
+    headers = [] if content_type is None else [(b"content-type", content_type.encode())]
+    scope = {"type": "http", "method": method, "path": path, "root_path": root_path,
+             "headers": headers, "query_string": b""}
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    asyncio.run(app(scope, receive, send))
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    head = {k.decode(): v.decode() for k, v in start["headers"]}
+    return start["status"], head, b"".join(m.get("body", b"") for m in sent
+                                          if m["type"] == "http.response.body")
+
+
+def test_one_image_fast_path_answers_raw_images_and_passes_everything_else_on(monkeypatch):
+    import json
+    from types import SimpleNamespace
+
+    from ray.serve.exceptions import RayServeException
+
+    from fedray.serving import deployments
+    from fedray.serving.schemas import Prediction
+
+    passed = []
+
+    async def app(scope, receive, send):  # FastAPI, standing in
+        passed.append((scope["method"], scope["path"]))
+        await send({"type": "http.response.start", "status": 299, "headers": []})
+        await send({"type": "http.response.body", "body": b"app"})
+
+    ingress = _FastPathIngress()
+    monkeypatch.setattr(deployments.serve, "get_replica_context",
+                        lambda: SimpleNamespace(servable_object=ingress))
+    fast = deployments.OneImageFastPath(app)
+
+    status, head, body = _asgi_call(fast, "POST", "/v1/predict", "image/png", b"png bytes")
+    assert status == 200 and head["content-type"] == "application/json"
+    assert json.loads(body) == Prediction.model_validate(_FastPathIngress.BODY).model_dump(
+        mode="json") and "image_size" not in json.loads(body)
+    assert _asgi_call(fast, "POST", "/secure/v1/predict", "image/jpeg; q=1", b"jpeg",
+                      root_path="/secure")[0] == 200  # under a route prefix
+    assert ingress.bodies == [b"png bytes", b"jpeg"] and passed == []
+
+    status, head, body = _asgi_call(fast, "POST", "/v1/predict", "image/png", b"no token")
+    assert status == 401 and head["www-authenticate"] == "Bearer"
+    assert json.loads(body)["error"] == "unauthorized"
+    status, _, body = _asgi_call(fast, "POST", "/v1/predict", "image/png", b"crash")
+    assert status == 500 and json.loads(body)["error"] == "internal_error"
+    assert "KeyError" in json.loads(body)["detail"]
+
+    others = [("POST", "/v1/predict", "multipart/form-data; boundary=x"),  # FastAPI parses it
+              ("POST", "/v1/predict", None), ("POST", "/v1/predict", "text/plain"),
+              ("GET", "/v1/predict", "image/png"), ("POST", "/v1/predict/batch", "image/png"),
+              ("POST", "/v1/explain", "image/png")]
+    for method, path, content_type in others:
+        assert _asgi_call(fast, method, path, content_type, b"x") == (299, {}, b"app")
+    assert passed == [(m, p) for m, p, _ in others] and len(ingress.bodies) == 4
+
+    def outside_serve():
+        raise RayServeException("not in a replica")
+
+    monkeypatch.setattr(deployments.serve, "get_replica_context", outside_serve)
+    assert _asgi_call(fast, "POST", "/v1/predict", "image/png", b"x")[0] == 299
+
+
+def test_the_app_serve_runs_has_the_fast_path():
+    import inspect
+
+    from fedray.serving.deployments import Ingress, OneImageFastPath
+
+    # serve.ingress runs a copy of the FastAPI app taken when the class is decorated: a
+    # middleware added to `api` after that would never run in a replica
+    served = inspect.getclosurevars(Ingress.func_or_class.__init__).nonlocals[
+        "frozen_app_or_func"]
+    assert [m.cls for m in served.user_middleware] == [OneImageFastPath]
+
+
 def test_user_config_sets_or_clears_the_batch_quiet_time(packages):
     from fedray.serving.deployments import Model
 

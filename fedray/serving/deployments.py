@@ -17,6 +17,11 @@ hot swap, but no handle hop between replicas (a serialised call per request, whi
 CPU machine costs more than the model). Overload is then Serve's own 503 for the Service's
 queue (max_queued_requests), in plain text.
 
+POST /v1/predict with a raw image body, the route of one-image clients, is answered by
+OneImageFastPath, a middleware in front of FastAPI's router that calls the same
+Ingress.predict: the same checks, errors and deadline, without routing, dependency solving
+and response validation per request.
+
 A Model loads no package in __init__: the application always gives it a user_config (`{}` at
 least), so Serve calls reconfigure before the replica takes traffic, and that first call loads
 the package the config names (user_config.package, else args.package), or raises. A new
@@ -45,7 +50,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
@@ -69,6 +74,7 @@ from fedray.serving.images import (
     Upload,
     decode_small,
     decode_upload,
+    media_type,
 )
 from fedray.serving.schemas import ErrorBody, Explanation, Health, ModelInfo, Prediction, Ready
 from fedray.serving.uploads import batch_parts, single_upload
@@ -239,12 +245,58 @@ class Model:
 
 # --------------------------------------------------------------------------- HTTP API
 
+
+class OneImageFastPath:
+    """POST /v1/predict with a raw image body, answered without FastAPI's router.
+
+    The route's own checks, decode, model call and error bodies run as they do through
+    FastAPI (Ingress.predict); only routing, dependency solving and response validation are
+    left out, which on a small CPU cost about as much per request as the rest of the replica's
+    HTTP work. Anything else, multipart uploads to /v1/predict included, goes to the app.
+    """
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or \
+                _route_path(scope) != "/v1/predict" or not _raw_image(scope):
+            return await self.app(scope, receive, send)
+        try:
+            ingress = serve.get_replica_context().servable_object
+        except RayServeException:  # the app outside Serve: FastAPI's route answers
+            return await self.app(scope, receive, send)
+        try:
+            result = await ingress.predict(Request(scope, receive))
+            response = Response(Prediction.model_validate(result).model_dump_json(),
+                                media_type="application/json")
+        except RequestError as exc:
+            response = _error(exc.status, exc.code, exc.detail)
+        except Exception as exc:  # noqa: BLE001 - as _internal answers the FastAPI routes
+            logger.exception("unhandled error on /v1/predict")
+            response = _error(500, "internal_error", f"{type(exc).__name__}: {exc}"[:500])
+        await response(scope, receive, send)
+
+
+def _route_path(scope) -> str:
+    path, root = scope["path"], scope.get("root_path", "")
+    return path[len(root):] if root and path.startswith(root) else path
+
+
+def _raw_image(scope) -> bool:
+    for key, value in scope["headers"]:
+        if key == b"content-type":
+            return media_type(value.decode("latin-1")) in ACCEPTED_TYPES
+    return False
+
+
 api = FastAPI(
     title="fedray",
     version=__version__,
     description="Blood-smear classification (ALL subtypes) from a fedray model package. "
                 "Every error is JSON: {\"error\": code, \"detail\": message}.",
 )
+api.add_middleware(OneImageFastPath)  # before @serve.ingress(api), which takes a copy
 
 _ERRORS = {status: {"model": ErrorBody, "description": text} for status, text in {
     400: "unreadable, empty or truncated image; malformed multipart; missing file",
