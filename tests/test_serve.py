@@ -709,11 +709,12 @@ def test_the_app_serve_runs_has_the_fast_path():
 
     from fedray.serving.deployments import Ingress, OneImageFastPath
 
-    # serve.ingress runs a copy of the FastAPI app taken when the class is decorated: a
-    # middleware added to `api` after that would never run in a replica
+    # serve.ingress runs a copy of the FastAPI app, taken when the class is decorated
     served = inspect.getclosurevars(Ingress.func_or_class.__init__).nonlocals[
         "frozen_app_or_func"]
-    assert [m.cls for m in served.user_middleware] == [OneImageFastPath]
+    outermost = served.build_middleware_stack()
+    assert isinstance(outermost, OneImageFastPath)  # in front of FastAPI's own middleware
+    assert type(outermost.app).__name__ == "ServerErrorMiddleware"
 
 
 def test_user_config_sets_or_clears_the_batch_quiet_time(packages):
