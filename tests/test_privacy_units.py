@@ -192,12 +192,15 @@ def test_unit_sampler_draws_whole_units_at_the_unit_rate() -> None:
 @pytest.mark.parametrize("unit", ["patient", "image"])
 def test_zero_noise_infinite_clip_equals_plain_training_per_unit(unit: str) -> None:
     """On the same batches, DP-SGD over units with no noise and no clipping is SGD on the summed
-    loss over the expected number of units per batch."""
+    loss over the expected number of units per batch. In float64: the batches are drawn at
+    random, and in float32 about 1 draw in 100 let rounding cross a ReLU and grow past the
+    tolerance within the run."""
     data = patient_data()
+    data = TensorDataset(data.tensors[0].double(), *data.tensors[1:])
     units = PATIENTS if unit == "patient" else torch.arange(len(PATIENTS)) % 3  # 3 images x4
     count = int(units.max()) + 1
     q = 0.5
-    model = tiny_model()
+    model = tiny_model().double()
     plain = copy.deepcopy(model)
     plain_opt = torch.optim.SGD(plain.parameters(), lr=0.5)
     private = privacy.make_private(model, torch.optim.SGD(model.parameters(), lr=0.5),
@@ -216,7 +219,8 @@ def test_zero_noise_infinite_clip_equals_plain_training_per_unit(unit: str) -> N
     assert steps >= 3
     for a, b in zip(model.parameters(), plain.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-5)
-    moved = max((a - b).abs().max() for a, b in zip(plain.parameters(), tiny_model().parameters()))
+    moved = max((a - b).abs().max() for a, b in zip(plain.parameters(),
+                                                     tiny_model().double().parameters()))
     assert moved > 1e-3
 
 
