@@ -8,12 +8,12 @@ batch runs and queue up behind it: measured with 16 concurrent clients on 2 core
 
 A Batcher forms its next batch when the model becomes free: what queued meanwhile, and what
 arrives within wait_s after (from the first request, when the model was idle), up to
-max_batch_size; a full queue goes at once, and a partial one once no request has arrived for
-quiet_s. Without the quiet rule, a replica that fewer than max_batch_size clients can reach
-(16 clients over 2 replicas, batches of up to 16) waited all of wait_s on every batch: its
-8 requests had arrived within about 1 ms, and the model then stood idle 4 ms of every 47. On that workload it ran batches of 16 (a batch the
+max_batch_size; a full queue goes at once. On that workload it ran batches of 16 (a batch the
 moment the model was free, without the wait, ran the clients' requests as alternating batches
-of 2-4 and 12-14, and 25% fewer images per second). A caller that stops waiting (deadline,
+of 2-4 and 12-14, and 25% fewer images per second). A partial batch also goes once no request
+has arrived for quiet_s: without that rule, a replica that fewer than max_batch_size clients
+can reach (16 clients over 2 replicas, batches of up to 16) waited all of wait_s on every
+batch, its 8 requests in within about 1 ms, and its model stood idle 4 ms of every 47. A caller that stops waiting (deadline,
 disconnect) leaves the queue, and a batch that fails fails each of its callers with its error.
 
 With `streams` above one, up to that many batches run at once. A second batch starts while
