@@ -13,8 +13,9 @@ moment the model was free, without the wait, ran the clients' requests as altern
 of 2-4 and 12-14, and 25% fewer images per second). A partial batch also goes once no request
 has arrived for quiet_s: without that rule, a replica that fewer than max_batch_size clients
 can reach (16 clients over 2 replicas, batches of up to 16) waited all of wait_s on every
-batch, its 8 requests in within about 1 ms, and its model stood idle 4 ms of every 47. A caller that stops waiting (deadline,
-disconnect) leaves the queue, and a batch that fails fails each of its callers with its error.
+batch, its 8 requests in within about 1 ms, and its model stood idle 4 ms of every 47. A
+caller that stops waiting (deadline, disconnect) leaves the queue, and a batch that fails
+fails each of its callers with its error.
 
 With `streams` above one, up to that many batches run at once. A second batch starts while
 one runs only when a full batch is waiting (a backlog). Sixteen clients of one image each then
