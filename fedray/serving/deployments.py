@@ -272,9 +272,8 @@ class OneImageFastPath:
                                 media_type="application/json")
         except RequestError as exc:
             response = _error(exc.status, exc.code, exc.detail)
-        except Exception as exc:  # noqa: BLE001 - as _internal answers the FastAPI routes
-            logger.exception("unhandled error on /v1/predict")
-            response = _error(500, "internal_error", f"{type(exc).__name__}: {exc}"[:500])
+        except Exception as exc:  # noqa: BLE001 - answered as the FastAPI routes answer it
+            response = _internal_error(_route_path(scope), exc)
         await response(scope, receive, send)
 
 
@@ -357,10 +356,14 @@ async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     return _error(exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail))
 
 
+def _internal_error(path: str, exc: Exception) -> JSONResponse:
+    logger.error("unhandled error on %s", path, exc_info=exc)
+    return _error(500, "internal_error", f"{type(exc).__name__}: {exc}"[:500])
+
+
 @api.exception_handler(Exception)
 async def _internal(request: Request, exc: Exception) -> JSONResponse:
-    logger.exception("unhandled error on %s", request.url.path)
-    return _error(500, "internal_error", f"{type(exc).__name__}: {exc}"[:500])
+    return _internal_error(request.url.path, exc)
 
 
 def _overlay_png(display: np.ndarray, heat: np.ndarray) -> tuple[str, tuple[int, int]]:
@@ -601,8 +604,6 @@ class Ingress:
                            "bearer token for details)")
             return _error(503, "swap_refused", detail)
         return {"status": "ready", "model": ready["model"] if detailed else None}
-
-
 
 
 # --------------------------------------------------------------------------- application
